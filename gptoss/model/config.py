@@ -1,0 +1,266 @@
+"""One dataclass that describes a GPT-OSS-family model.
+
+Every architecture difference is a field here; the model code reads fields, never names.
+`from_hf_config` and `from_original_config` read the two published `config.json` flavours,
+`to_hf_config` / `to_original_config` write them back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from gptoss.errors import GptossError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+class ConfigError(GptossError):
+    """A config.json that is missing a field, contradicts itself, or is not a GPT-OSS config."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "gpt-oss-20b"
+    vocab_size: int = 201088               # rows of the embedding and unembedding
+    hidden_size: int = 2880                # width of the residual stream
+    num_layers: int = 24
+    num_heads: int = 64                    # query heads
+    num_kv_heads: int = 8                  # key/value heads; query head h reads KV head h // (num_heads // num_kv_heads)
+    head_dim: int = 64
+    num_experts: int = 32
+    experts_per_token: int = 4             # top-k of the router
+    intermediate_size: int = 2880          # per expert; its first projection is 2x this (gate and up interleaved)
+    sliding_window: int = 128              # keys visible to a query on a sliding layer, the query included
+    layer_types: tuple[str, ...] = ()      # SLIDING / FULL per layer; empty means "sliding on even layers"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 150000.0
+    rope_scaling_factor: float = 32.0      # YaRN factor; 1.0 means plain RoPE
+    rope_original_context: int = 4096      # context the model was pre-trained at, before YaRN
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = False            # gpt-oss keeps the YaRN correction range unrounded
+    max_context: int = 131072
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    eos_token_ids: tuple[int, ...] = (200002, 199999, 200012)  # <|return|>, <|endoftext|>, <|call|>
+    pad_token_id: int = 199999
+
+    def __post_init__(self):
+        types = tuple(self.layer_types) or alternating_layer_types(self.num_layers)
+        object.__setattr__(self, "layer_types", types)
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ConfigError(f"config {self.name!r}: {message}")
+
+        need(len(self.layer_types) == self.num_layers,
+             f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        need(set(self.layer_types) <= {SLIDING, FULL}, f"unknown layer type in {sorted(set(self.layer_types))}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"{self.num_heads} query heads do not divide into {self.num_kv_heads} KV heads")
+        need(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
+        need(1 <= self.experts_per_token <= self.num_experts,
+             f"experts_per_token {self.experts_per_token} must be within 1..{self.num_experts}")
+        need(self.sliding_window >= 1, f"sliding_window {self.sliding_window} must be positive")
+
+    def with_layers(self, num_layers: int) -> "ModelConfig":
+        """The same geometry cut (or extended) to `num_layers`, keeping the alternation."""
+        return replace(self, num_layers=num_layers, layer_types=())
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    # ---- Hugging Face config.json -------------------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, raw: dict, name: str = "hf") -> "ModelConfig":
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "yarn")) not in ("yarn", "default"):
+            raise ConfigError(f"unsupported rope_type {rope.get('rope_type')!r}")
+        yarn = rope.get("rope_type", rope.get("type", "yarn")) == "yarn"
+        eos = raw.get("eos_token_id", cls.eos_token_ids)
+        return cls(
+            name=name,
+            vocab_size=_req(raw, "vocab_size"),
+            hidden_size=_req(raw, "hidden_size"),
+            num_layers=_req(raw, "num_hidden_layers"),
+            num_heads=_req(raw, "num_attention_heads"),
+            num_kv_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"],
+            num_experts=_req(raw, "num_local_experts", "num_experts"),
+            experts_per_token=_req(raw, "num_experts_per_tok", "experts_per_token"),
+            intermediate_size=_req(raw, "intermediate_size"),
+            sliding_window=raw.get("sliding_window") or cls.sliding_window,
+            layer_types=tuple(raw.get("layer_types") or ()),
+            rms_norm_eps=raw.get("rms_norm_eps", cls.rms_norm_eps),
+            rope_theta=rope.get("rope_theta", raw.get("rope_theta", cls.rope_theta)),
+            rope_scaling_factor=rope.get("factor", cls.rope_scaling_factor) if yarn else 1.0,
+            rope_original_context=rope.get("original_max_position_embeddings", cls.rope_original_context),
+            rope_beta_fast=rope.get("beta_fast", cls.rope_beta_fast),
+            rope_beta_slow=rope.get("beta_slow", cls.rope_beta_slow),
+            rope_truncate=rope.get("truncate", True),  # transformers' default when the key is absent
+            max_context=raw.get("max_position_embeddings", cls.max_context),
+            swiglu_alpha=raw.get("swiglu_alpha", cls.swiglu_alpha),
+            swiglu_limit=raw.get("swiglu_limit", cls.swiglu_limit),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+            pad_token_id=raw.get("pad_token_id") if raw.get("pad_token_id") is not None else cls.pad_token_id,
+        )
+
+    def to_hf_config(self, quantized: bool = True) -> dict:
+        """A config.json in the shape of the published openai/gpt-oss-20b one."""
+        raw = {
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            "attention_bias": True,
+            "attention_dropout": 0.0,
+            "eos_token_id": list(self.eos_token_ids),
+            "pad_token_id": self.pad_token_id,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "initial_context_length": self.rope_original_context,
+            "intermediate_size": self.intermediate_size,
+            "layer_types": list(self.layer_types),
+            "max_position_embeddings": self.max_context,
+            "num_attention_heads": self.num_heads,
+            "num_experts_per_tok": self.experts_per_token,
+            "num_hidden_layers": self.num_layers,
+            "num_key_value_heads": self.num_kv_heads,
+            "num_local_experts": self.num_experts,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {
+                "rope_type": "yarn" if self.rope_scaling_factor > 1 else "default",
+                "rope_theta": self.rope_theta,
+                "factor": self.rope_scaling_factor,
+                "beta_fast": self.rope_beta_fast,
+                "beta_slow": self.rope_beta_slow,
+                "truncate": self.rope_truncate,
+                "original_max_position_embeddings": self.rope_original_context,
+            },
+            "sliding_window": self.sliding_window,
+            "swiglu_alpha": self.swiglu_alpha,
+            "swiglu_limit": self.swiglu_limit,
+            "tie_word_embeddings": False,
+            "vocab_size": self.vocab_size,
+        }
+        if quantized:
+            raw["quantization_config"] = {
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"],
+            }
+        return raw
+
+    # ---- OpenAI original/config.json ------------------------------------------------------------
+
+    @classmethod
+    def from_original_config(cls, raw: dict, name: str = "original") -> "ModelConfig":
+        num_layers = _req(raw, "num_hidden_layers")
+        # OpenAI's reference code slides on even layers and takes no layer_types key.
+        return cls(
+            name=name,
+            vocab_size=_req(raw, "vocab_size"),
+            hidden_size=_req(raw, "hidden_size"),
+            num_layers=num_layers,
+            num_heads=_req(raw, "num_attention_heads"),
+            num_kv_heads=_req(raw, "num_key_value_heads"),
+            head_dim=_req(raw, "head_dim"),
+            num_experts=_req(raw, "num_experts"),
+            experts_per_token=_req(raw, "experts_per_token"),
+            intermediate_size=_req(raw, "intermediate_size"),
+            sliding_window=_req(raw, "sliding_window"),
+            rope_theta=_req(raw, "rope_theta"),
+            rope_scaling_factor=_req(raw, "rope_scaling_factor"),
+            rope_original_context=_req(raw, "initial_context_length"),
+            rope_beta_slow=raw.get("rope_ntk_alpha", cls.rope_beta_slow),
+            rope_beta_fast=raw.get("rope_ntk_beta", cls.rope_beta_fast),
+            rope_truncate=False,
+            max_context=int(raw["initial_context_length"] * raw["rope_scaling_factor"]),
+            swiglu_limit=raw.get("swiglu_limit", cls.swiglu_limit),
+        )
+
+    def to_original_config(self) -> dict:
+        if self.layer_types != alternating_layer_types(self.num_layers):
+            raise ConfigError("OpenAI's original layout can only express sliding attention on even layers")
+        return {
+            "num_hidden_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "experts_per_token": self.experts_per_token,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "swiglu_limit": self.swiglu_limit,
+            "head_dim": self.head_dim,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "sliding_window": self.sliding_window,
+            "initial_context_length": self.rope_original_context,
+            "rope_theta": self.rope_theta,
+            "rope_scaling_factor": self.rope_scaling_factor,
+            "rope_ntk_alpha": self.rope_beta_slow,
+            "rope_ntk_beta": self.rope_beta_fast,
+        }
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "ModelConfig":
+        """Reads either flavour of config.json, telling them apart by their keys."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: config.json is not a JSON object")
+        try:
+            if "num_local_experts" in raw or raw.get("model_type") == "gpt_oss":
+                return cls.from_hf_config(raw, name=path.parent.name)
+            if "experts_per_token" in raw and "rope_scaling_factor" in raw:
+                return cls.from_original_config(raw, name=path.parent.name)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: neither a Hugging Face gpt_oss config nor an OpenAI original/ config")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def alternating_layer_types(num_layers: int) -> tuple[str, ...]:
+    """GPT-OSS's 1:1 pattern: sliding on even layers (0, 2, ...), full attention on odd ones."""
+    return tuple(SLIDING if i % 2 == 0 else FULL for i in range(num_layers))
+
+
+def _req(raw: dict, *keys: str):
+    for key in keys:
+        if key in raw and raw[key] is not None:
+            return raw[key]
+    raise ConfigError(f"config.json lacks {' / '.join(keys)}")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "gpt-oss-20b": ModelConfig(name="gpt-oss-20b", num_layers=24, num_experts=32),
+    "gpt-oss-120b": ModelConfig(name="gpt-oss-120b", num_layers=36, num_experts=128),
+    # Small geometries for tests and the README's first command: real structure, tiny sizes.
+    "tiny": ModelConfig(name="tiny", vocab_size=201088, hidden_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, num_experts=4, experts_per_token=2,
+                        intermediate_size=64, sliding_window=8, max_context=4096),
+    "small": ModelConfig(name="small", vocab_size=201088, hidden_size=256, num_layers=4, num_heads=8,
+                         num_kv_heads=2, head_dim=32, num_experts=8, experts_per_token=4,
+                         intermediate_size=256, sliding_window=32, max_context=8192),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
