@@ -112,7 +112,7 @@ class ModelConfig:
             max_context=raw.get("max_position_embeddings", cls.max_context),
             swiglu_alpha=raw.get("swiglu_alpha", cls.swiglu_alpha),
             swiglu_limit=raw.get("swiglu_limit", cls.swiglu_limit),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else cls.eos_token_ids,
             pad_token_id=raw.get("pad_token_id") if raw.get("pad_token_id") is not None else cls.pad_token_id,
         )
 

@@ -1,0 +1,33 @@
+"""`gptoss`: one command, a subcommand per job. Bad input ends in one line on stderr, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptoss.errors import GptossError
+from gptoss.cli import checkpoint_commands, compare
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptoss", description="GPT-OSS models in plain PyTorch")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in (checkpoint_commands, compare):
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except GptossError as e:
+        print(f"gptoss: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

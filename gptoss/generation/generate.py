@@ -1,0 +1,84 @@
+"""Prefill in chunks, then decode token by token through the KV cache, for one prompt or a ragged batch."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from gptoss.generation.cache import ContextError, KVCache
+from gptoss.generation.sampling import SamplingParams, sample
+from gptoss.model.transformer import Transformer
+
+
+def _as_batch(prompt_ids) -> list[list[int]]:
+    if len(prompt_ids) and isinstance(prompt_ids[0], int):
+        return [list(prompt_ids)]
+    return [list(p) for p in prompt_ids]
+
+
+@torch.inference_mode()
+def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
+                 chunk: int = 128) -> Iterator[list[int | None]]:
+    """Yields, per step, one new token per prompt (None for prompts that already stopped).
+
+    Prompts of different lengths are left-padded: padding gets position -1 and never enters attention,
+    so each row computes exactly what it would alone.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ContextError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    context = longest + max_new_tokens
+    if context > model.config.max_context:
+        raise ContextError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
+                           f"the model's context of {model.config.max_context}")
+    device = model.device
+    cache = KVCache(model.config, len(prompts), context, chunk=chunk, dtype=model.dtype, device=device)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    positions = torch.full((len(prompts), longest), -1, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p)
+        positions[row, longest - len(p):] = torch.arange(len(p))
+    ids, positions = ids.to(device), positions.to(device)
+
+    for start in range(0, longest, chunk):
+        logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache)
+    generator = params.generator()
+    stopped = [False] * len(prompts)
+    stop = set(stop_tokens)
+    for step in range(max_new_tokens):
+        tokens = sample(logits[:, -1], params, generator).tolist()
+        out = [None if done else t for t, done in zip(tokens, stopped)]
+        stopped = [done or t in stop for t, done in zip(tokens, stopped)]
+        yield out
+        if all(stopped) or step == max_new_tokens - 1:
+            return
+        logits = model(torch.tensor(tokens, device=device)[:, None], cache=cache)
+
+
+def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
+           params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (), chunk: int = 128) -> Iterator[int]:
+    """Yields the new tokens of one prompt as they come, the stop token included."""
+    for (token,) in stream_batch(model, [prompt_ids], max_new_tokens, params, stop_tokens, chunk):
+        yield token
+
+
+def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             seed: int | None = None, stop_tokens: Sequence[int] | None = None, chunk: int = 128):
+    """New token ids for one prompt (a list of ints) or for each of a batch of prompts (a list of lists).
+
+    Stops at max_new_tokens or after a stop token (which is included); stop tokens default to the
+    model's end-of-sequence tokens.
+    """
+    params = SamplingParams(temperature, top_k, top_p, min_p, seed)
+    stop = model.config.eos_token_ids if stop_tokens is None else stop_tokens
+    prompts = _as_batch(prompt_ids)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step in stream_batch(model, prompts, max_new_tokens, params, stop, chunk):
+        for out, token in zip(outputs, step):
+            if token is not None:
+                out.append(token)
+    single = len(prompt_ids) and isinstance(prompt_ids[0], int)
+    return outputs[0] if single else outputs

@@ -1,0 +1,232 @@
+"""The GPT-OSS transformer in plain PyTorch: the reference path, written to be read top to bottom.
+
+Parameter names follow the Hugging Face checkpoint (`model.layers.N.self_attn.q_proj.weight`, ...)
+so that loading is one loop over `state_dict()`. Shapes in comments use
+B batch, T new tokens, S keys, H hidden, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim,
+E experts, I expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptoss.model.config import ModelConfig
+from gptoss.weights import mxfp4
+
+
+class RMSNorm(nn.Module):
+    """Normalised in fp32 with an fp32 scale, then cast back, as both reference implementations do."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=torch.float32))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.float()
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (t * self.weight).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with YaRN's "NTK by parts" frequencies and its attention concentration factor."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d_half = cfg.head_dim // 2
+        # Explicit CPU device: the model is often built under `torch.device("meta")` and these are
+        # not loaded from the checkpoint.
+        freq = cfg.rope_theta ** (torch.arange(d_half, dtype=torch.float64, device="cpu") * 2 / cfg.head_dim)
+        if cfg.rope_scaling_factor > 1.0:
+            factor = cfg.rope_scaling_factor
+
+            def correction_dim(beta: float) -> float:  # the dimension whose wavelength fits `beta` times
+                return d_half * math.log(cfg.rope_original_context / (beta * 2 * math.pi)) / math.log(cfg.rope_theta)
+
+            low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+            if cfg.rope_truncate:
+                low, high = math.floor(low), math.ceil(high)
+            low, high = max(low, 0), min(high, d_half - 1)
+            if low == high:
+                high += 0.001
+            ramp = ((torch.arange(d_half, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+            # ramp 0: fast dimensions keep their frequency; ramp 1: slow ones are interpolated by `factor`.
+            inv_freq = (1 - ramp) / freq + ramp / (factor * freq)
+            self.concentration = 0.1 * math.log(factor) + 1.0
+        else:
+            inv_freq = 1.0 / freq
+            self.concentration = 1.0
+        self.inv_freq = inv_freq.float()  # [D/2]; a plain attribute, moved with the positions
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, D/2] in fp32, already scaled by the concentration."""
+        angles = positions.float().unsqueeze(-1) * self.inv_freq.to(positions.device)
+        return angles.cos() * self.concentration, angles.sin() * self.concentration
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D]; rotates the pairs (x[i], x[i + D/2]), the "halves" layout of GPT-OSS."""
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def visible_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """q_pos [B, T], k_pos [B, S] -> bool [B, T, S]: causal, banded to `window` keys on sliding layers.
+
+    A negative key position marks an empty cache slot or padding: never visible.
+    """
+    q, k = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
+    visible = (k <= q) & (k >= 0)
+    if window is not None:
+        visible &= q - k < window  # q - window + 1 <= k <= q: `window` keys, the query's own included
+    return visible
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
+        self.layer = layer
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=True)
+        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads))  # one learned logit per query head
+
+    def forward(self, x, cos, sin, positions, cache=None):
+        B, T, _ = x.shape
+        Hkv, G, D = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q = apply_rotary(self.q_proj(x).view(B, T, self.num_heads, D), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(B, T, Hkv, D), cos, sin)
+        v = self.v_proj(x).view(B, T, Hkv, D)
+        k_pos = positions
+        if cache is not None:  # keys and values now span the cached context: [B, S, Hkv, D]
+            k, v, k_pos = cache.update(self.layer, k, v)
+
+        q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)                # [B, Hkv, G, T, D]
+        k, v = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
+        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)          # [B, Hkv, G, T, S]
+        mask = visible_keys(positions, k_pos, self.window)[:, None, None]   # [B, 1, 1, T, S]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        # The sink joins the softmax as one more column and is then dropped: it has no value vector,
+        # so a head can give part (or all) of its attention to nothing.
+        sinks = self.sinks.float().view(1, Hkv, G, 1, 1).expand(B, Hkv, G, T, 1)
+        probs = torch.cat((scores, sinks), dim=-1).softmax(dim=-1)[..., :-1]
+        out = probs.to(v.dtype) @ v                                          # [B, Hkv, G, T, D]
+        return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.num_heads * D))
+
+
+class Experts(nn.Module):
+    """E expert MLPs, weights [E, out, in]: either dense parameters or MXFP4 blocks and scales.
+
+    MXFP4 weights stay packed; the reference path dequantizes one expert at a time when it is used.
+    """
+
+    def __init__(self, cfg: ModelConfig, quantized: bool):
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.quantized = quantized
+        self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
+        for name, (rows, cols) in {"gate_up_proj": (2 * I, H), "down_proj": (H, I)}.items():
+            if quantized:
+                self.register_buffer(f"{name}_blocks", torch.zeros(E, rows, cols // mxfp4.BLOCK, 16, dtype=torch.uint8))
+                self.register_buffer(f"{name}_scales", torch.zeros(E, rows, cols // mxfp4.BLOCK, dtype=torch.uint8))
+            else:
+                self.register_parameter(name, nn.Parameter(torch.zeros(E, rows, cols)))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
+
+    def weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        """The [out, in] weight of one expert in `dtype`."""
+        if self.quantized:
+            return mxfp4.dequantize(getattr(self, f"{name}_blocks")[expert], getattr(self, f"{name}_scales")[expert], dtype)
+        return getattr(self, name)[expert].to(dtype)
+
+    def swiglu(self, h: torch.Tensor) -> torch.Tensor:
+        """Clamped SwiGLU on interleaved columns: gate = h[..., 0::2], linear = h[..., 1::2]."""
+        gate = h[..., 0::2].clamp(max=self.limit)
+        linear = h[..., 1::2].clamp(-self.limit, self.limit)
+        return gate * torch.sigmoid(self.alpha * gate) * (linear + 1)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H], expert_ids and expert_weights [N, k] -> [N, H], the weighted sum over the k experts."""
+        out = torch.zeros_like(x)
+        for expert in expert_ids.unique().tolist():
+            token, slot = (expert_ids == expert).nonzero(as_tuple=True)
+            h = F.linear(x[token], self.weight("gate_up_proj", expert, x.dtype), self.gate_up_proj_bias[expert])
+            y = F.linear(self.swiglu(h), self.weight("down_proj", expert, x.dtype), self.down_proj_bias[expert])
+            out.index_add_(0, token, y * expert_weights[token, slot, None].to(x.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, quantized_experts: bool):
+        super().__init__()
+        self.top_k = cfg.experts_per_token
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=True)
+        self.experts = Experts(cfg, quantized_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])                                   # [N, H]
+        top_logits, expert_ids = self.router(flat).topk(self.top_k, dim=-1)  # sorted, [N, k]
+        expert_weights = top_logits.float().softmax(dim=-1)                 # softmax over the k chosen only
+        return self.experts(flat, expert_ids, expert_weights).view_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, quantized_experts: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg, quantized_experts)
+
+    def forward(self, x, cos, sin, positions, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, quantized_experts: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg, i, quantized_experts) for i in range(cfg.num_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from the embedding
+        self.rope = RotaryEmbedding(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (fp32).
+
+        positions [B, T] default to 0..T-1, or continue each row of the cache when one is given
+        (a `gptoss.generation.cache.KVCache`); negative positions mark padding.
+        """
+        if positions is None:
+            if cache is not None:
+                positions = cache.next_positions(input_ids.shape[1])
+            else:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        if cache is not None:
+            cache.begin(positions)
+        cos, sin = self.rope(positions)
+        x = self.model.embed_tokens(input_ids)
+        for block in self.model.layers:
+            x = block(x, cos, sin, positions, cache)
+        return self.lm_head(self.model.norm(x)).float()

@@ -1,0 +1,205 @@
+"""Reading a GPT-OSS checkpoint directory in either layout, checked before any forward pass.
+
+`open_checkpoint` finds the files, tells the layout apart from the tensor names, and compares every
+tensor's name, shape and dtype with what config.json implies, raising a one-line `CheckpointError`
+naming the file and tensor. `load_model` builds the model on the meta device and assigns the
+memory-mapped tensors to it, so the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from gptoss.errors import GptossError
+from gptoss.model.config import ConfigError, ModelConfig
+from gptoss.model.transformer import Transformer
+from gptoss.weights import mxfp4
+from gptoss.weights.layout import (HF, ORIGINAL, ORIGINAL_BLOCK_NAMES, ORIGINAL_FUSED_QKV, ORIGINAL_GLOBAL_NAMES,
+                                   checkpoint_tensor_specs, is_norm)
+
+INDEX_FILE = "model.safetensors.index.json"
+FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+class CheckpointError(GptossError):
+    """A checkpoint directory that cannot be loaded as it is."""
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    dtype: str           # safetensors' name: "BF16", "U8", ...
+    shape: tuple[int, ...]
+
+
+class Checkpoint:
+    """A validated checkpoint directory: its config, layout, and a map of tensor name -> file."""
+
+    def __init__(self, directory: Path, config: ModelConfig, layout: str, quantized: bool,
+                 tensors: dict[str, TensorInfo]):
+        self.directory, self.config, self.layout, self.quantized = directory, config, layout, quantized
+        self.tensors = tensors
+        self._handles: dict[Path, object] = {}
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint stores its dense weights in (that of the embedding)."""
+        name = "model.embed_tokens.weight" if self.layout == HF else "embedding.weight"
+        return FLOAT_DTYPES[self.tensors[name].dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in {t.file for t in self.tensors.values()})
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor as stored, memory-mapped from its file (safetensors maps it, no copy)."""
+        info = self.tensors[name]
+        if info.file not in self._handles:
+            self._handles[info.file] = safe_open(info.file, framework="pt")
+        return self._handles[info.file].get_tensor(name)
+
+    def model_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(our state_dict name, tensor) pairs, renamed, split or transposed from the stored layout."""
+        if self.layout == HF:
+            for name in self.tensors:
+                t = self.tensor(name)
+                # transformers' save_pretrained writes dense experts as [E, in, out]; we keep [E, out, in].
+                yield name, t.transpose(1, 2) if name.endswith(("experts.gate_up_proj", "experts.down_proj")) else t
+            return
+        cfg = self.config
+        for orig, ours in ORIGINAL_GLOBAL_NAMES.items():
+            yield ours, self.tensor(orig)
+        for i in range(cfg.num_layers):
+            for orig, ours in ORIGINAL_BLOCK_NAMES.items():
+                yield f"model.layers.{i}.{ours}", self.tensor(f"block.{i}.{orig}")
+            for orig, kind in ORIGINAL_FUSED_QKV.items():
+                q, k, v = self.tensor(f"block.{i}.{orig}").split(
+                    [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim])
+                for proj, part in zip("qkv", (q, k, v)):
+                    yield f"model.layers.{i}.self_attn.{proj}_proj.{kind}", part
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    if not (directory / "config.json").exists() and (directory / "original" / "config.json").exists():
+        directory = directory / "original"
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face or OpenAI original/ checkpoint)")
+    try:
+        config = ModelConfig.from_json_file(directory / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+    tensors = _index_tensors(directory)
+    if "model.embed_tokens.weight" in tensors:
+        layout = HF
+        quantized = any(name.endswith("_blocks") for name in tensors)
+    elif "embedding.weight" in tensors:
+        layout, quantized = ORIGINAL, True
+    else:
+        raise CheckpointError(f"{directory}: tensors are in no known layout (neither model.embed_tokens.weight "
+                              f"nor embedding.weight found)")
+    _validate(directory, config, tensors, checkpoint_tensor_specs(config, layout, quantized))
+    return Checkpoint(directory, config, layout, quantized, tensors)
+
+
+def _index_tensors(directory: Path) -> dict[str, TensorInfo]:
+    """Every tensor in the directory's safetensors files, from their headers only."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index}: names shard {f.name}, which is missing")
+    else:
+        weight_map = None
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{directory}: no *.safetensors files and no {INDEX_FILE}")
+
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as handle:
+                for name in handle.keys():
+                    sl = handle.get_slice(name)
+                    if name in tensors:
+                        raise CheckpointError(f"{f}: tensor {name!r} also appears in {tensors[name].file.name}")
+                    tensors[name] = TensorInfo(f, sl.get_dtype(), tuple(sl.get_shape()))
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: truncated or corrupt safetensors file ({e})") from None
+    if weight_map is not None:
+        for name, file in weight_map.items():
+            if name not in tensors or tensors[name].file.name != file:
+                raise CheckpointError(f"{index}: says tensor {name!r} is in {file}, but it is not there")
+    return tensors
+
+
+def _validate(directory: Path, cfg: ModelConfig, tensors: dict[str, TensorInfo], expected: dict) -> None:
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{directory}: missing tensor {missing[0]!r}{more}{_layer_hint(cfg, tensors)}")
+    unexpected = [n for n in tensors if n not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        name = unexpected[0]
+        raise CheckpointError(f"{tensors[name].file}: unexpected tensor {name!r}{more}{_layer_hint(cfg, tensors)}")
+    for name, spec in expected.items():
+        info = tensors[name]
+        if info.shape != spec.shape:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                                  f"but config.json implies {list(spec.shape)}")
+        ok = info.dtype == "U8" if spec.kind == "uint8" else info.dtype in FLOAT_DTYPES
+        if not ok:
+            want = "U8 (MXFP4)" if spec.kind == "uint8" else "BF16, F16 or F32"
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected {want}")
+
+
+def _layer_hint(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> str:
+    """When the layer count is what disagrees, say so: it is the usual way a config contradicts the tensors."""
+    layers = {int(m.group(1)) for n in tensors if (m := re.match(r"(?:model\.layers|block)\.(\d+)\.", n))}
+    if layers and max(layers) + 1 != cfg.num_layers:
+        return f"; config.json says {cfg.num_layers} layers but the tensors hold {max(layers) + 1}"
+    return ""
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               dequantize_experts: bool = False) -> Transformer:
+    """Loads a checkpoint directory (Hugging Face or OpenAI original/ layout) into a `Transformer`.
+
+    dtype: of the dense weights and activations; default: the checkpoint's own (bf16 as published).
+    MXFP4 experts stay packed unless `dequantize_experts` asks for dense experts in `dtype`.
+    """
+    ckpt = open_checkpoint(path)
+    dtype = dtype or ckpt.float_dtype
+    quantized = ckpt.quantized and not dequantize_experts
+    with torch.device("meta"):
+        model = Transformer(ckpt.config, quantized_experts=quantized)
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in ckpt.model_tensors():
+        if tensor.dtype == torch.uint8:
+            state[name] = tensor
+        else:  # .to() returns the mapped tensor itself when the dtype already matches
+            state[name] = tensor.to(torch.float32 if is_norm(name) else dtype)
+    if ckpt.quantized and not quantized:
+        for key in [k for k in state if k.endswith("_blocks")]:
+            base = key.removesuffix("_blocks")
+            state[base] = mxfp4.dequantize(state.pop(key), state.pop(base + "_scales"), dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.to(device).eval()

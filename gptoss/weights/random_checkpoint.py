@@ -1,0 +1,126 @@
+"""Random-weight checkpoints of any GPT-OSS geometry, in the real tensor names, shapes and dtypes.
+
+Written tensor by tensor straight to disk (a safetensors header is computed up front, then each tensor
+is generated and appended), so a full-size gpt-oss-20b checkpoint never sits in memory. Each tensor is
+drawn from its own generator seeded by (seed, our name for it), so the same seed gives the same
+weights in either layout: the HF and original/ checkpoints of one seed hold the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gptoss.model.config import ModelConfig
+from gptoss.weights.checkpoint import INDEX_FILE
+from gptoss.weights.layout import (HF, ORIGINAL, ORIGINAL_BLOCK_NAMES, ORIGINAL_FUSED_QKV, ORIGINAL_GLOBAL_NAMES,
+                                   TensorSpec, model_tensor_specs)
+
+FP4_RMS = 2.93  # root mean square of the 16 FP4 values, uniformly drawn
+
+
+def random_tensor(name: str, spec: TensorSpec, seed: int) -> torch.Tensor:
+    """One tensor with magnitudes that keep activations O(1) through the network."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    shape = spec.shape
+    if name.endswith("_blocks"):
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    if name.endswith("_scales"):
+        # Choose 2**e so the weights' standard deviation is about 1 / sqrt(fan_in).
+        fan_in = shape[-1] * 32
+        exponent = round(math.log2(1 / (FP4_RMS * math.sqrt(fan_in))))
+        return (127 + exponent + torch.randint(-1, 2, shape, generator=gen)).to(torch.uint8)
+    if name.endswith("norm.weight"):
+        t = 1 + 0.1 * torch.randn(shape, generator=gen)
+    elif name.endswith("sinks"):
+        t = torch.randn(shape, generator=gen)
+    elif name.endswith("bias"):
+        t = 0.1 * torch.randn(shape, generator=gen)
+    elif name == "model.embed_tokens.weight":
+        t = torch.randn(shape, generator=gen)
+    else:  # a weight [.., out, in]
+        t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+    return t.to(torch.bfloat16)
+
+
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]):
+    """Streams tensors to a safetensors file: (name, dtype, shape, make) with make() called one at a time."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape, _ in entries:
+        size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, dtype, shape, make in entries:
+            t = make()
+            assert t.dtype == dtype and tuple(t.shape) == tuple(shape), (name, t.dtype, t.shape)
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return offset
+
+
+def _entries(cfg: ModelConfig, layout: str, seed: int):
+    """(checkpoint name, dtype, shape, make) for every tensor of the layout, in a natural order."""
+    ours = model_tensor_specs(cfg, quantized_experts=True)
+
+    def entry(stored: str, name: str):
+        spec = ours[name]
+        dtype = torch.uint8 if spec.kind == "uint8" else torch.bfloat16
+        return stored, dtype, spec.shape, lambda: random_tensor(name, spec, seed)
+
+    if layout == HF:
+        return [entry(name, name) for name in ours]
+    entries = [entry(orig, name) for orig, name in ORIGINAL_GLOBAL_NAMES.items()]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        entries += [entry(f"block.{i}.{orig}", p + name) for orig, name in ORIGINAL_BLOCK_NAMES.items()]
+        for orig, kind in ORIGINAL_FUSED_QKV.items():
+            parts = [p + f"self_attn.{proj}_proj.{kind}" for proj in "qkv"]
+            shape = (sum(ours[n].shape[0] for n in parts), *ours[parts[0]].shape[1:])
+            entries.append((f"block.{i}.{orig}", torch.bfloat16, shape,
+                            lambda parts=parts: torch.cat([random_tensor(n, ours[n], seed) for n in parts])))
+    return entries
+
+
+def write_random_checkpoint(cfg: ModelConfig, out: str | Path, layout: str = HF, seed: int = 0,
+                            shard_bytes: int = 4 << 30, progress: Callable[[str], None] | None = None) -> Path:
+    """Writes config.json and the weights; HF checkpoints larger than `shard_bytes` are sharded with an index."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = _entries(cfg, layout, seed)
+    config = cfg.to_hf_config(quantized=True) if layout == HF else cfg.to_original_config()
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def nbytes(e):
+        return math.prod(e[2]) * torch.tensor([], dtype=e[1]).element_size()
+
+    shards: list[list] = [[]]
+    for e in entries:
+        if layout == HF and shards[-1] and sum(map(nbytes, shards[-1])) + nbytes(e) > shard_bytes:
+            shards.append([])
+        shards[-1].append(e)
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors" for i in range(len(shards))]
+    total = 0
+    for name, shard in zip(names, shards):
+        if progress:
+            progress(f"writing {out / name} ({sum(map(nbytes, shard)) / 2**30:.2f} GiB)")
+        total += write_safetensors(out / name, shard)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return out

@@ -1,0 +1,59 @@
+"""Shared helpers: tiny random models through transformers' GptOssForCausalLM, and tiny checkpoints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from gptoss.model.config import ModelConfig, preset
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """The tiny preset with a small vocabulary (so transformers' padding id fits) and any overrides."""
+    base = dict(vocab_size=512, pad_token_id=511, layer_types=())
+    return replace(preset("tiny"), **(base | overrides))
+
+
+def hf_config(cfg: ModelConfig):
+    """transformers' GptOssConfig for the same geometry, eager attention (the one with sinks)."""
+    from transformers import GptOssConfig
+
+    hc = GptOssConfig(**{k: v for k, v in cfg.to_hf_config(quantized=False).items()
+                         if k not in ("architectures", "model_type", "initial_context_length")})
+    hc._attn_implementation = "eager"
+    return hc
+
+
+def random_hf_model(cfg: ModelConfig, seed: int = 0):
+    """A GptOssForCausalLM with weights scaled like a trained net (1/sqrt(fan_in)), so every part matters."""
+    from transformers import GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(hf_config(cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks") or name.endswith("embed_tokens.weight"):
+                p.normal_(0, 1)
+            elif name.endswith("norm.weight"):
+                p.normal_(1, 0.1)
+            elif p.dim() == 1 or name.endswith("_bias"):
+                p.normal_(0, 0.1)
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out]
+                p.normal_(0, 1 / math.sqrt(p.shape[1]))
+            else:  # [out, in]
+                p.normal_(0, 1 / math.sqrt(p.shape[-1]))
+    return model
+
+
+@pytest.fixture
+def tmp_checkpoint(tmp_path):
+    """Writes a random checkpoint of `cfg` in `layout` under tmp_path and returns its directory."""
+    from gptoss.weights.random_checkpoint import write_random_checkpoint
+
+    def make(cfg: ModelConfig, layout: str = "hf", seed: int = 0, name: str | None = None, **kw):
+        return write_random_checkpoint(cfg, tmp_path / (name or f"{layout}-{seed}"), layout=layout, seed=seed, **kw)
+
+    return make

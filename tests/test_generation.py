@@ -1,0 +1,127 @@
+"""KV-cached decoding equals the full forward; greedy generation equals transformers' generate()."""
+
+import pytest
+import torch
+
+from gptoss import load_model
+from gptoss.generation.cache import ContextError, KVCache, kv_cache_bytes
+from gptoss.generation.generate import generate, stream
+from gptoss.generation.sampling import SamplingParams, sample
+from tests.conftest import random_hf_model, tiny_config
+
+WINDOW, CHUNK = 8, 4
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from gptoss.weights.random_checkpoint import write_random_checkpoint
+
+    cfg = tiny_config(num_layers=3, sliding_window=WINDOW)
+    path = write_random_checkpoint(cfg, tmp_path_factory.mktemp("ck") / "tiny", seed=5)
+    return load_model(path, dtype=torch.float32)
+
+
+def cached_logits(model, prompts, continuations):
+    """Logits of every prompt and continuation token, computed through the cache: a left-padded chunked
+    prefill, then one token per step. Returns, per row, [len(prompt) + len(continuation), V]."""
+    B, longest = len(prompts), max(map(len, prompts))
+    cache = KVCache(model.config, B, longest + len(continuations[0]), chunk=CHUNK, dtype=model.dtype)
+    ids = torch.zeros(B, longest, dtype=torch.long)
+    positions = torch.full((B, longest), -1)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p)
+        positions[row, longest - len(p):] = torch.arange(len(p))
+    steps = [model(ids[:, s:s + CHUNK], positions[:, s:s + CHUNK], cache=cache) for s in range(0, longest, CHUNK)]
+    prefill = torch.cat(steps, dim=1)
+    decoded = [model(torch.tensor([[c[t]] for c in continuations]), cache=cache) for t in range(len(continuations[0]))]
+    decoded = torch.cat(decoded, dim=1)
+    return [torch.cat((prefill[row, longest - len(p):], decoded[row])) for row, p in enumerate(prompts)]
+
+
+def full_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor([tokens]))[0]
+
+
+@torch.no_grad()
+def test_cached_decode_equals_full_forward_batch_1(model):
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 512, (6,), generator=g).tolist()
+    continuation = torch.randint(0, 512, (30,), generator=g).tolist()  # 36 tokens: the ring of 11 wraps thrice
+    (got,) = cached_logits(model, [prompt], [continuation])
+    diff = (got - full_logits(model, prompt + continuation)).abs().max().item()
+    print(f"batch 1: max |cached - full| = {diff:.2e}")
+    assert diff < 1e-5
+
+
+@torch.no_grad()
+def test_cached_decode_equals_full_forward_ragged_batch(model):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 13, 7)]
+    continuations = [torch.randint(0, 512, (20,), generator=g).tolist() for _ in prompts]
+    for row, got in enumerate(cached_logits(model, prompts, continuations)):
+        diff = (got - full_logits(model, prompts[row] + continuations[row])).abs().max().item()
+        print(f"ragged row {row} (prompt {len(prompts[row])}): max |cached - full| = {diff:.2e}")
+        assert diff < 1e-5
+
+
+def test_sliding_cache_stays_at_window_size():
+    cfg = tiny_config(num_layers=4, sliding_window=16)
+    for context in (64, 4096):
+        cache = KVCache(cfg, batch=2, context=context, chunk=8, dtype=torch.float32)
+        sliding = [k.shape[1] for i, k in enumerate(cache.keys) if cfg.is_sliding(i)]
+        full = [k.shape[1] for i, k in enumerate(cache.keys) if not cfg.is_sliding(i)]
+        assert sliding == [16 - 1 + 8 + 1] * 2          # window - 1 + chunk, plus the padding slot
+        assert full == [context + 1] * 2
+    # The arithmetic of gpt-oss-20b: 12 full + 12 sliding layers, 8 KV heads x 64 x (K, V) x bf16.
+    from gptoss import preset
+    per_token_layer = 2 * 8 * 64 * 2
+    for context in (4096, 32768, 131072):
+        sizes = kv_cache_bytes(preset("gpt-oss-20b"), context)
+        assert sizes["full_layers"] == 12 * context * per_token_layer
+        assert sizes["sliding_layers"] == 12 * (128 - 1 + 128) * per_token_layer
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    cfg = tiny_config(num_layers=3, sliding_window=8)
+    hf = random_hf_model(cfg, seed=11)
+    hf.save_pretrained(tmp_path / "m")
+    ours = load_model(tmp_path / "m", dtype=torch.float32)
+    prompt = torch.randint(0, cfg.vocab_size, (5,), generator=torch.Generator().manual_seed(2)).tolist()
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=80, min_new_tokens=80, do_sample=False,
+                           eos_token_id=None, pad_token_id=cfg.pad_token_id)[0, len(prompt):].tolist()
+    got = generate(ours, prompt, max_new_tokens=80, stop_tokens=(), chunk=4)
+    assert len(got) == 80 and got == expected
+
+
+def test_batch_generation_equals_each_prompt_alone(model):
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
+    together = generate(model, prompts, max_new_tokens=25, stop_tokens=())
+    assert together == [generate(model, p, max_new_tokens=25, stop_tokens=()) for p in prompts]
+
+
+def test_stop_tokens_and_seeded_sampling(model):
+    free = generate(model, [1, 2, 3], max_new_tokens=30, stop_tokens=())
+    stop = free[10]
+    stopped = generate(model, [1, 2, 3], max_new_tokens=30, stop_tokens=[stop])
+    assert stopped == free[: free.index(stop) + 1]
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, stop_tokens=())
+    assert generate(model, [1, 2, 3], seed=3, **kw) == generate(model, [1, 2, 3], seed=3, **kw)
+    assert list(stream(model, [1, 2, 3], 20, SamplingParams(1.0, seed=4))) == \
+        generate(model, [1, 2, 3], max_new_tokens=20, temperature=1.0, seed=4, stop_tokens=[])
+
+
+def test_sampling_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {sample(logits, SamplingParams(1.0, **kw), g).item() for _ in range(200)}  # noqa: E731
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.7) == {0, 1}        # 0.5 < 0.7 needs the second token, not the third
+    assert draws(min_p=0.35) == {0, 1}       # 0.15 < 0.35 x 0.5
+    assert draws() == {0, 1, 2, 3}
+    assert sample(logits, SamplingParams(0.0)).item() == 0
+
+
+def test_context_overflow_is_a_clear_error(model):
+    with pytest.raises(ContextError, match="exceeds the model's context"):
+        generate(model, [1] * 4000, max_new_tokens=200)
