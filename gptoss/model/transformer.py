@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptoss.kernels.moe import fused_experts, kernel_applies
 from gptoss.model.config import ModelConfig
 from gptoss.weights import mxfp4
 
@@ -141,6 +142,7 @@ class Experts(nn.Module):
                 self.register_parameter(name, nn.Parameter(torch.zeros(E, rows, cols)))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
+        self.use_kernel = False  # set by Transformer.use_kernels(): the fused MXFP4 kernel instead of this reference
 
     def weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
         """The [out, in] weight of one expert in `dtype`."""
@@ -156,6 +158,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         """x [N, H], expert_ids and expert_weights [N, k] -> [N, H], the weighted sum over the k experts."""
+        if self.use_kernel:
+            return fused_experts(self, x, expert_ids, expert_weights)
         out = torch.zeros_like(x)
         for expert in expert_ids.unique().tolist():
             token, slot = (expert_ids == expert).nonzero(as_tuple=True)
@@ -203,6 +207,12 @@ class Transformer(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from the embedding
         self.rope = RotaryEmbedding(cfg)
+
+    def use_kernels(self, enabled: bool = True) -> "Transformer":
+        """Switches the experts to the fused MXFP4 CPU kernel where it applies (see gptoss.kernels)."""
+        for block in self.model.layers:
+            block.mlp.experts.use_kernel = enabled and kernel_applies(block.mlp.experts)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from gptoss.errors import GptossError
 from gptoss.model.config import ConfigError, ModelConfig
@@ -178,11 +180,13 @@ def _layer_hint(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> str:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               dequantize_experts: bool = False) -> Transformer:
+               dequantize_experts: bool = False, progress: bool = False, kernels: bool = True) -> Transformer:
     """Loads a checkpoint directory (Hugging Face or OpenAI original/ layout) into a `Transformer`.
 
     dtype: of the dense weights and activations; default: the checkpoint's own (bf16 as published).
     MXFP4 experts stay packed unless `dequantize_experts` asks for dense experts in `dtype`.
+    progress: a progress bar on stderr, one step per tensor.
+    kernels: use the fused CPU kernels where they apply (False: the pure-PyTorch reference path).
     """
     ckpt = open_checkpoint(path)
     dtype = dtype or ckpt.float_dtype
@@ -191,7 +195,11 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         model = Transformer(ckpt.config, quantized_experts=quantized)
 
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in ckpt.model_tensors():
+    tensors = ckpt.model_tensors()
+    if progress:
+        tensors = tqdm(tensors, total=len(model.state_dict()), desc=f"loading {ckpt.directory.name}", unit=" tensors",
+                       file=sys.stderr, leave=False)
+    for name, tensor in tensors:
         if tensor.dtype == torch.uint8:
             state[name] = tensor
         else:  # .to() returns the mapped tensor itself when the dtype already matches
@@ -202,4 +210,4 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             state[base] = mxfp4.dequantize(state.pop(key), state.pop(base + "_scales"), dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
-    return model.to(device).eval()
+    return model.to(device).eval().use_kernels(kernels)

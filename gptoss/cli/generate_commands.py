@@ -1,0 +1,106 @@
+"""`gptoss generate`: raw completion of a text, streamed to the terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from gptoss.errors import GptossError
+from gptoss.generation.cache import kv_cache_bytes
+from gptoss.generation.generate import stream
+from gptoss.generation.sampling import SamplingParams
+from gptoss.model.config import PRESETS, preset
+from gptoss.weights.checkpoint import load_model
+from gptoss.weights.hub import resolve_model
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def add_model_options(p) -> None:
+    p.add_argument("--model", help="local directory (Hugging Face or original/ layout) or a Hugging Face id such as "
+                                   "openai/gpt-oss-20b; default: a small random-weight checkpoint made on first use")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="dense weights and activations (default: as stored)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+
+
+def add_sampling_options(p, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--seed", type=int)
+
+
+def sampling_params(args) -> SamplingParams:
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+
+
+def load_from_args(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(resolve_model(args.model), dtype=DTYPES[args.dtype], progress=sys.stderr.isatty())
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="complete a text (no chat format), streaming the tokens")
+    p.add_argument("text", help="the text to continue")
+    add_model_options(p)
+    add_sampling_options(p, max_tokens=64)
+    p.set_defaults(func=run_generate)
+    register_kv_cache(subparsers)
+
+
+def run_generate(args) -> int:
+    from gptoss.chat.tokenizer import get_tokenizer
+
+    params = sampling_params(args)
+    model = load_from_args(args)
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.encode(args.text, allowed_special="all")
+    sys.stdout.write(args.text)
+    start, pending, count = time.perf_counter(), [], 0
+    for token in stream(model, prompt, args.max_tokens, params, stop_tokens=model.config.eos_token_ids):
+        count += 1
+        pending.append(token)
+        text = tokenizer.decode(pending, errors="replace")
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            pending = []
+    sys.stdout.write(tokenizer.decode(pending, errors="replace") + "\n")
+    print(f"[{count} tokens, {count / (time.perf_counter() - start):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def register_kv_cache(subparsers) -> None:
+    p = subparsers.add_parser("kv-cache", help="bytes of the KV cache for a geometry and context lengths")
+    p.add_argument("--preset", default="gpt-oss-20b", choices=sorted(PRESETS))
+    p.add_argument("--context", default="4096,32768,131072", help="comma-separated context lengths")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--chunk", type=int, default=128, help="prefill chunk: sliding layers keep window - 1 + chunk")
+    p.set_defaults(func=run_kv_cache)
+
+
+def run_kv_cache(args) -> int:
+    cfg = preset(args.preset)
+    print(f"{cfg.name}: KV cache, bf16, batch {args.batch}, {cfg.num_layers} layers "
+          f"({sum(map(cfg.is_sliding, range(cfg.num_layers)))} sliding, window {cfg.sliding_window})")
+    print(f"{'context':>9} {'full layers':>14} {'sliding layers':>15} {'total':>14}")
+    for context in parse_ints(args.context, "--context"):
+        b = kv_cache_bytes(cfg, context, args.batch, args.chunk)
+        print(f"{context:>9} {b['full_layers'] / 2**20:>10.1f} MiB {b['sliding_layers'] / 2**20:>11.2f} MiB "
+              f"{b['total'] / 2**20:>10.1f} MiB   ({b['total']:,} bytes)")
+    return 0
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise GptossError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise GptossError(f"{option} needs positive integers, got {text!r}")
+    return values

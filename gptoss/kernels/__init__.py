@@ -1,0 +1,37 @@
+"""Fast CPU kernels, compiled from C++ on first use with torch's cpp_extension (g++ and ninja needed).
+
+`cpu_kernels()` returns the compiled module, or None where it cannot be built, in which case the
+model keeps its pure-PyTorch reference path. Set GPTOSS_KERNELS=0 to force the reference path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+SOURCES = [Path(__file__).with_name("mxfp4_cpu.cpp")]
+
+
+@functools.cache
+def cpu_kernels():
+    if os.environ.get("GPTOSS_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        print("gptoss: compiling CPU kernels (first use only)...", file=sys.stderr) if not _built() else None
+        return load(name="gptoss_cpu_kernels", sources=[str(s) for s in SOURCES],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no headers, an unsupported platform: keep the reference path
+        warnings.warn(f"gptoss: CPU kernels unavailable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                      f"using the reference path")
+        return None
+
+
+def _built() -> bool:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return (Path(_get_build_directory("gptoss_cpu_kernels", verbose=False)) / "gptoss_cpu_kernels.so").exists()

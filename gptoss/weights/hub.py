@@ -1,0 +1,64 @@
+"""Where `--model` points: a local directory, a Hugging Face repo id, or the built-in random default."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from gptoss.errors import GptossError
+from gptoss.model.config import preset
+
+# The default when no --model is given: a small random-weight checkpoint of the real structure and
+# vocabulary, made once on first use. Its output is gibberish; it is there so every command runs anywhere.
+DEFAULT_PRESET = "small"
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GPTOSS_HOME", Path.home() / ".cache" / "gptoss"))
+
+
+def default_model() -> Path:
+    """The built-in random checkpoint, written on first use (a second or two, about 0.2 GB)."""
+    from gptoss.weights.random_checkpoint import write_random_checkpoint
+
+    path = cache_dir() / f"random-{DEFAULT_PRESET}"
+    if not (path / "config.json").exists():
+        print(f"gptoss: no --model given: making a small random-weight checkpoint at {path} "
+              f"(its output is gibberish; pass --model for a real one)", file=sys.stderr)
+        tmp = path.with_name(path.name + ".partial")
+        write_random_checkpoint(preset(DEFAULT_PRESET), tmp, seed=0)
+        tmp.rename(path)
+    return path
+
+
+def resolve_model(spec: str | None) -> Path:
+    """A directory to load: `spec` itself if it exists, else a Hub download of repo id `spec`."""
+    if spec is None:
+        return default_model()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if not REPO_ID.match(spec):
+        raise GptossError(f"{spec}: no such directory, and not a Hugging Face repo id (owner/name)")
+    return download(spec)
+
+
+def download(repo_id: str) -> Path:
+    """Downloads the Hugging Face layout of `repo_id` (not its original/ or metal/ copies), with progress."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"],
+                                      ignore_patterns=["original/*", "metal/*"]))
+    except LocalEntryNotFoundError:
+        raise GptossError(f"{repo_id}: not in the local Hugging Face cache and cannot be downloaded "
+                          f"(offline, or HF_HUB_OFFLINE is set); pass a local directory instead") from None
+    except HfHubHTTPError as e:
+        raise GptossError(f"{repo_id}: download from the Hugging Face Hub failed: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise GptossError(f"{repo_id}: cannot download from the Hugging Face Hub ({e}); "
+                          f"pass a local directory instead") from None
