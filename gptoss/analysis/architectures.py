@@ -2,9 +2,10 @@
 
 An `Architecture` holds what decides a model's size and per-token cost: widths, depth, heads,
 experts, which layers slide, and the small extras (biases, sinks, QK-norm, sandwich norms) that a
-parameter count must include to land exactly on the published totals. GPT-OSS comes from our
-`ModelConfig`; Qwen3 and Gemma 3 come from excerpts of their published config.json files, read by
-the same loader that reads a user's config.json, so the built-ins also exercise the loader.
+parameter count must include to land exactly on the published totals. GPT-OSS and Qwen3-MoE come
+from our `ModelConfig` (which runs both), Gemma 3 from its own reader; the built-ins are excerpts of
+the published config.json files, read by the same loader that reads a user's config.json, so they
+also exercise the loader.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptoss.errors import GptossError
-from gptoss.model.config import FULL, PRESETS, SLIDING, ModelConfig
+from gptoss.model.config import FULL, PRESETS, SLIDING, ConfigError, ModelConfig, sliding_pattern
 
 
 class ArchitectureError(GptossError):
@@ -90,7 +91,7 @@ class Architecture:
 
     @classmethod
     def from_model_config(cls, config: ModelConfig, name: str | None = None) -> Architecture:
-        """A GPT-OSS geometry: biased attention with sinks, biased experts and router, untied."""
+        """What our model builds for `config`: GPT-OSS, or whatever its comparison fields make of it."""
         return cls(
             name=name or config.name,
             vocab_size=config.vocab_size,
@@ -100,18 +101,18 @@ class Architecture:
             num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim,
             layer_types=config.layer_types,
-            sliding_window=config.sliding_window,
+            sliding_window=config.sliding_window if SLIDING in config.layer_types else 0,
             num_experts=config.num_experts,
             experts_per_token=config.experts_per_token,
             intermediate_size=config.intermediate_size,
             shared_expert_intermediate=0,
-            attention_bias=True,
-            attention_sinks=True,
-            qk_norm=False,
+            attention_bias=config.attention_bias,
+            attention_sinks=config.attention_sinks,
+            qk_norm=config.qk_norm,
             norms_per_layer=2,
-            mlp_bias=True,
-            router_bias=True,
-            tied_embeddings=False,
+            mlp_bias=config.expert_bias,
+            router_bias=config.router_bias,
+            tied_embeddings=config.tie_embeddings,
         )
 
     @classmethod
@@ -132,34 +133,11 @@ def _req(raw: dict, key: str, name: str):
 
 
 def _qwen3_moe(raw: dict, name: str) -> Architecture:
-    """Qwen3-MoE: QK-norm, no biases, every layer MoE with full attention, no shared expert."""
-    if raw.get("mlp_only_layers") or raw.get("decoder_sparse_step", 1) != 1:
-        raise ArchitectureError(f"{name}: dense layers between MoE layers are not modelled")
-    if raw.get("use_sliding_window"):
-        raise ArchitectureError(f"{name}: Qwen's sliding-window layers are not modelled")
-    hidden, heads, layers = (_req(raw, k, name) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers"))
-    return Architecture(
-        name=name,
-        vocab_size=_req(raw, "vocab_size", name),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or hidden // heads,
-        layer_types=(FULL,) * layers,
-        sliding_window=0,
-        num_experts=_req(raw, "num_experts", name),
-        experts_per_token=_req(raw, "num_experts_per_tok", name),
-        intermediate_size=_req(raw, "moe_intermediate_size", name),
-        shared_expert_intermediate=0,
-        attention_bias=raw.get("attention_bias", False),
-        attention_sinks=False,
-        qk_norm=True,
-        norms_per_layer=2,
-        mlp_bias=False,
-        router_bias=False,
-        tied_embeddings=raw.get("tie_word_embeddings", False),
-    )
+    """Qwen3-MoE: read as our model runs it (`ModelConfig.from_qwen3_moe_config`)."""
+    try:
+        return Architecture.from_model_config(ModelConfig.from_qwen3_moe_config(raw, name), name)
+    except ConfigError as e:
+        raise ArchitectureError(f"{name}: {e}") from None
 
 
 # transformers' Gemma3TextConfig defaults: the published Gemma 3 config.json files leave these out
@@ -176,7 +154,7 @@ def _gemma3_text(raw: dict, name: str) -> Architecture:
     raw = {**_GEMMA3_TEXT_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
     layers = _req(raw, "num_hidden_layers", name)
     pattern = raw.get("_sliding_window_pattern") or raw["sliding_window_pattern"]
-    layer_types = raw.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
+    layer_types = raw.get("layer_types") or sliding_pattern(layers, pattern - 1)
     heads = _req(raw, "num_attention_heads", name)
     return Architecture(
         name=name,

@@ -43,7 +43,7 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
     ids, positions = ids.to(device), positions.to(device)
 
     for start in range(0, longest, chunk):
-        logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache)
+        logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache, last_only=True)
     generator = params.generator()
     stopped = [False] * len(prompts)
     stop = set(stop_tokens)
@@ -54,7 +54,7 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
         yield out
         if all(stopped) or step == max_new_tokens - 1:
             return
-        logits = model(torch.tensor(tokens, device=device)[:, None], cache=cache)
+        logits = model(torch.tensor(tokens, device=device)[:, None], cache=cache, last_only=True)
 
 
 def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,

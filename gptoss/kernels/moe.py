@@ -13,8 +13,11 @@ SAFE_SCALES = (2, 252)
 
 
 def kernel_applies(experts) -> bool:
-    """Whether `experts` (a gptoss Experts module) can take the fused kernel: MXFP4, on the CPU, in range."""
-    if not experts.quantized or experts.gate_up_proj_blocks.device.type != "cpu" or cpu_kernels() is None:
+    """Whether `experts` (a gptoss Experts module) can take the fused kernel: MXFP4 with biases (as
+    GPT-OSS ships them), on the CPU, in range."""
+    if not experts.quantized or experts.gate_up_proj_bias is None:
+        return False
+    if experts.gate_up_proj_blocks.device.type != "cpu" or cpu_kernels() is None:
         return False
     return all(SAFE_SCALES[0] <= int(s.min()) and int(s.max()) <= SAFE_SCALES[1]
                for s in (experts.gate_up_proj_scales, experts.down_proj_scales))

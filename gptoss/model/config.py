@@ -1,8 +1,10 @@
 """One dataclass that describes a GPT-OSS-family model.
 
-Every architecture difference is a field here; the model code reads fields, never names.
+Every architecture difference is a field here; the model code reads fields, never names. The
+defaults are GPT-OSS; the fields from `attention_bias` on also express the models the design notes
+compare it with (a Qwen3-MoE block, a Gemma-3-style 5:1 `sliding_pattern`).
 `from_hf_config` and `from_original_config` read the two published `config.json` flavours,
-`to_hf_config` / `to_original_config` write them back.
+`to_hf_config` / `to_original_config` write them back; `from_qwen3_moe_config` reads Qwen3-MoE's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from gptoss.errors import GptossError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+ROUTERS = ("topk_softmax", "softmax_topk")
+EXPERT_ACTIVATIONS = ("clamped_swiglu", "swiglu")
 
 
 class ConfigError(GptossError):
@@ -32,7 +36,7 @@ class ModelConfig:
     head_dim: int = 64
     num_experts: int = 32
     experts_per_token: int = 4             # top-k of the router
-    intermediate_size: int = 2880          # per expert; its first projection is 2x this (gate and up interleaved)
+    intermediate_size: int = 2880          # per expert; its first projection is 2x this (gate and up)
     sliding_window: int = 128              # keys visible to a query on a sliding layer, the query included
     layer_types: tuple[str, ...] = ()      # SLIDING / FULL per layer; empty means "sliding on even layers"
     rms_norm_eps: float = 1e-5
@@ -45,6 +49,21 @@ class ModelConfig:
     max_context: int = 131072
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # What sets GPT-OSS apart from Qwen3-MoE (its values there in brackets):
+    attention_bias: bool = True            # q/k/v/o projections carry biases [False]
+    attention_sinks: bool = True           # a learned logit per query head joins the softmax and takes
+                                           # attention to nothing [False]
+    qk_norm: bool = False                  # an RMSNorm over head_dim on each query and key head, before RoPE [True]
+    router: str = "topk_softmax"           # "topk_softmax": softmax over the k largest logits only;
+                                           # "softmax_topk": softmax over all experts, keep the k largest [Qwen3]
+    normalize_topk: bool = True            # rescale the k kept weights to sum to 1 (Qwen3's norm_topk_prob);
+                                           # "topk_softmax" always sums to 1
+    router_bias: bool = True               # the router's linear layer has a bias [False]
+    expert_activation: str = "clamped_swiglu"  # "clamped_swiglu": swiglu_alpha/limit, "+1" on the linear half,
+                                           # gate and linear columns interleaved; "swiglu": silu(gate) * up
+                                           # on the [gate | up] halves [Qwen3]
+    expert_bias: bool = True               # expert projections carry biases [False]
+    tie_embeddings: bool = False           # lm_head reuses the embedding matrix [configurable]
     eos_token_ids: tuple[int, ...] = (200002, 199999, 200012)  # <|return|>, <|endoftext|>, <|call|>
     pad_token_id: int = 199999
 
@@ -68,6 +87,17 @@ class ModelConfig:
         need(1 <= self.experts_per_token <= self.num_experts,
              f"experts_per_token {self.experts_per_token} must be within 1..{self.num_experts}")
         need(self.sliding_window >= 1, f"sliding_window {self.sliding_window} must be positive")
+        need(self.router in ROUTERS, f"router {self.router!r} is not one of {', '.join(ROUTERS)}")
+        need(self.normalize_topk or self.router != "topk_softmax",
+             "router 'topk_softmax' always normalises its top-k weights: normalize_topk must be True")
+        need(self.expert_activation in EXPERT_ACTIVATIONS,
+             f"expert_activation {self.expert_activation!r} is not one of {', '.join(EXPERT_ACTIVATIONS)}")
+
+    def require_gpt_oss_block(self, layout: str) -> None:
+        """GPT-OSS's config.json files have no keys for the comparison fields: refuse rather than drop them."""
+        other = [f"{key}={getattr(self, key)!r}" for key in GPT_OSS_BLOCK if getattr(self, key) != GPT_OSS_BLOCK[key]]
+        if other:
+            raise ConfigError(f"config {self.name!r}: a {layout} config.json cannot express {', '.join(other)}")
 
     def with_layers(self, num_layers: int) -> "ModelConfig":
         """The same geometry cut (or extended) to `num_layers`, keeping the alternation."""
@@ -118,6 +148,7 @@ class ModelConfig:
 
     def to_hf_config(self, quantized: bool = True) -> dict:
         """A config.json in the shape of the published openai/gpt-oss-20b one."""
+        self.require_gpt_oss_block("Hugging Face gpt_oss")
         raw = {
             "architectures": ["GptOssForCausalLM"],
             "model_type": "gpt_oss",
@@ -175,7 +206,7 @@ class ModelConfig:
             num_heads=_req(raw, "num_attention_heads"),
             num_kv_heads=_req(raw, "num_key_value_heads"),
             head_dim=_req(raw, "head_dim"),
-            num_experts=_req(raw, "num_experts"),
+            num_experts=_req(raw, "num_experts", "num_local_experts"),  # transformers 5 writes the latter
             experts_per_token=_req(raw, "experts_per_token"),
             intermediate_size=_req(raw, "intermediate_size"),
             sliding_window=_req(raw, "sliding_window"),
@@ -190,6 +221,7 @@ class ModelConfig:
         )
 
     def to_original_config(self) -> dict:
+        self.require_gpt_oss_block("OpenAI original/")
         if self.layer_types != alternating_layer_types(self.num_layers):
             raise ConfigError("OpenAI's original layout can only express sliding attention on even layers")
         return {
@@ -210,6 +242,52 @@ class ModelConfig:
             "rope_ntk_alpha": self.rope_beta_slow,
             "rope_ntk_beta": self.rope_beta_fast,
         }
+
+    # ---- Qwen3-MoE config.json (for the architecture comparison) ---------------------------------
+
+    @classmethod
+    def from_qwen3_moe_config(cls, raw: dict, name: str = "qwen3_moe") -> "ModelConfig":
+        """A Qwen3-MoE model (transformers' Qwen3MoeConfig.to_dict() or its config.json) as our fields.
+
+        Every layer must be an MoE layer with full attention, as in all published Qwen3-MoE models.
+        """
+        if raw.get("mlp_only_layers") or raw.get("decoder_sparse_step", 1) != 1:
+            raise ConfigError("dense layers between MoE layers are not modelled")
+        if raw.get("use_sliding_window"):
+            raise ConfigError("Qwen's sliding-window layers are not modelled")
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ConfigError(f"unsupported rope_type {rope.get('rope_type')!r}")
+        layers, hidden, heads = (_req(raw, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads"))
+        eos = raw.get("eos_token_id")
+        return cls(
+            name=name,
+            vocab_size=_req(raw, "vocab_size"),
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or hidden // heads,
+            num_experts=_req(raw, "num_experts", "num_local_experts"),  # transformers 5 writes the latter
+            experts_per_token=_req(raw, "num_experts_per_tok"),
+            intermediate_size=_req(raw, "moe_intermediate_size"),
+            layer_types=(FULL,) * layers,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+            rope_scaling_factor=1.0,
+            max_context=raw.get("max_position_embeddings", 32768),
+            attention_bias=raw.get("attention_bias", False),
+            attention_sinks=False,
+            qk_norm=True,
+            router="softmax_topk",
+            normalize_topk=raw.get("norm_topk_prob", False),
+            router_bias=False,
+            expert_activation="swiglu",
+            expert_bias=False,
+            tie_embeddings=raw.get("tie_word_embeddings", False),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else (),
+            pad_token_id=raw.get("pad_token_id") if raw.get("pad_token_id") is not None else 0,
+        )
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "ModelConfig":
@@ -234,9 +312,24 @@ class ModelConfig:
         return asdict(self)
 
 
+def sliding_pattern(num_layers: int, local_per_global: int) -> tuple[str, ...]:
+    """`local_per_global` sliding layers, then one full layer, repeated (a cut-off last unit allowed).
+
+    1 is GPT-OSS's 1:1, 5 Gemma 3's 5:1 (layer i full when i + 1 is a multiple of 6, as in
+    transformers), 0 full attention everywhere.
+    """
+    return tuple(FULL if (i + 1) % (local_per_global + 1) == 0 else SLIDING for i in range(num_layers))
+
+
 def alternating_layer_types(num_layers: int) -> tuple[str, ...]:
     """GPT-OSS's 1:1 pattern: sliding on even layers (0, 2, ...), full attention on odd ones."""
-    return tuple(SLIDING if i % 2 == 0 else FULL for i in range(num_layers))
+    return sliding_pattern(num_layers, 1)
+
+
+# The values of the comparison fields that GPT-OSS's own config.json files imply.
+GPT_OSS_BLOCK = {name: ModelConfig.__dataclass_fields__[name].default
+                 for name in ("attention_bias", "attention_sinks", "qk_norm", "router", "normalize_topk",
+                              "router_bias", "expert_activation", "expert_bias", "tie_embeddings")}
 
 
 def _req(raw: dict, *keys: str):

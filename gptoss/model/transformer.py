@@ -1,7 +1,9 @@
 """The GPT-OSS transformer in plain PyTorch: the reference path, written to be read top to bottom.
 
 Parameter names follow the Hugging Face checkpoint (`model.layers.N.self_attn.q_proj.weight`, ...)
-so that loading is one loop over `state_dict()`. Shapes in comments use
+so that loading is one loop over `state_dict()`. The config's comparison fields (no biases or
+sinks, QK-norm, Qwen3's router and SwiGLU, tied embeddings) drop or add parameters without
+renaming the others. Shapes in comments use
 B batch, T new tokens, S keys, H hidden, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim,
 E experts, I expert intermediate size.
 """
@@ -94,17 +96,25 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.layer = layer
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=True)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=True)
-        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads))  # one learned logit per query head
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        if cfg.qk_norm:  # Qwen3: queries and keys normalised per head, so their dot products stay bounded
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        # One learned logit per query head, or none.
+        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attention_sinks else None
 
     def forward(self, x, cos, sin, positions, cache=None):
         B, T, _ = x.shape
         Hkv, G, D = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        q = apply_rotary(self.q_proj(x).view(B, T, self.num_heads, D), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(B, T, Hkv, D), cos, sin)
+        q = self.q_proj(x).view(B, T, self.num_heads, D)
+        k = self.k_proj(x).view(B, T, Hkv, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = self.v_proj(x).view(B, T, Hkv, D)
         k_pos = positions
         if cache is not None:  # keys and values now span the cached context: [B, S, Hkv, D]
@@ -115,10 +125,13 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)          # [B, Hkv, G, T, S]
         mask = visible_keys(positions, k_pos, self.window)[:, None, None]   # [B, 1, 1, T, S]
         scores = scores.masked_fill(~mask, float("-inf"))
-        # The sink joins the softmax as one more column and is then dropped: it has no value vector,
-        # so a head can give part (or all) of its attention to nothing.
-        sinks = self.sinks.float().view(1, Hkv, G, 1, 1).expand(B, Hkv, G, T, 1)
-        probs = torch.cat((scores, sinks), dim=-1).softmax(dim=-1)[..., :-1]
+        if self.sinks is None:
+            probs = scores.softmax(dim=-1)
+        else:
+            # The sink joins the softmax as one more column and is then dropped: it has no value vector,
+            # so a head can give part (or all) of its attention to nothing.
+            sinks = self.sinks.float().view(1, Hkv, G, 1, 1).expand(B, Hkv, G, T, 1)
+            probs = torch.cat((scores, sinks), dim=-1).softmax(dim=-1)[..., :-1]
         out = probs.to(v.dtype) @ v                                          # [B, Hkv, G, T, D]
         return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.num_heads * D))
 
@@ -133,15 +146,15 @@ class Experts(nn.Module):
         super().__init__()
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.quantized = quantized
-        self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
+        self.activation, self.alpha, self.limit = cfg.expert_activation, cfg.swiglu_alpha, cfg.swiglu_limit
         for name, (rows, cols) in {"gate_up_proj": (2 * I, H), "down_proj": (H, I)}.items():
             if quantized:
                 self.register_buffer(f"{name}_blocks", torch.zeros(E, rows, cols // mxfp4.BLOCK, 16, dtype=torch.uint8))
                 self.register_buffer(f"{name}_scales", torch.zeros(E, rows, cols // mxfp4.BLOCK, dtype=torch.uint8))
             else:
                 self.register_parameter(name, nn.Parameter(torch.zeros(E, rows, cols)))
-        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
-        self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I)) if cfg.expert_bias else None
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, H)) if cfg.expert_bias else None
         self.use_kernel = False  # set by Transformer.use_kernels(): the fused MXFP4 kernel instead of this reference
 
     def weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
@@ -150,8 +163,16 @@ class Experts(nn.Module):
             return mxfp4.dequantize(getattr(self, f"{name}_blocks")[expert], getattr(self, f"{name}_scales")[expert], dtype)
         return getattr(self, name)[expert].to(dtype)
 
+    def bias(self, name: str, expert: int) -> torch.Tensor | None:
+        b = getattr(self, f"{name}_bias")
+        return None if b is None else b[expert]
+
     def swiglu(self, h: torch.Tensor) -> torch.Tensor:
-        """Clamped SwiGLU on interleaved columns: gate = h[..., 0::2], linear = h[..., 1::2]."""
+        """h [N, 2I] -> [N, I]. GPT-OSS: clamped SwiGLU on interleaved columns, gate = h[..., 0::2],
+        linear = h[..., 1::2]. Qwen3 ("swiglu"): silu(gate) * up on the halves [gate | up]."""
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
         gate = h[..., 0::2].clamp(max=self.limit)
         linear = h[..., 1::2].clamp(-self.limit, self.limit)
         return gate * torch.sigmoid(self.alpha * gate) * (linear + 1)
@@ -163,8 +184,8 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         for expert in expert_ids.unique().tolist():
             token, slot = (expert_ids == expert).nonzero(as_tuple=True)
-            h = F.linear(x[token], self.weight("gate_up_proj", expert, x.dtype), self.gate_up_proj_bias[expert])
-            y = F.linear(self.swiglu(h), self.weight("down_proj", expert, x.dtype), self.down_proj_bias[expert])
+            h = F.linear(x[token], self.weight("gate_up_proj", expert, x.dtype), self.bias("gate_up_proj", expert))
+            y = F.linear(self.swiglu(h), self.weight("down_proj", expert, x.dtype), self.bias("down_proj", expert))
             out.index_add_(0, token, y * expert_weights[token, slot, None].to(x.dtype))
         return out
 
@@ -173,13 +194,20 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, quantized_experts: bool):
         super().__init__()
         self.top_k = cfg.experts_per_token
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=True)
+        self.softmax_first, self.normalize = cfg.router == "softmax_topk", cfg.normalize_topk
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         self.experts = Experts(cfg, quantized_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])                                   # [N, H]
-        top_logits, expert_ids = self.router(flat).topk(self.top_k, dim=-1)  # sorted, [N, k]
-        expert_weights = top_logits.float().softmax(dim=-1)                 # softmax over the k chosen only
+        logits = self.router(flat)                                          # [N, E]
+        if self.softmax_first:  # Qwen3: probabilities over all experts, the k largest kept
+            expert_weights, expert_ids = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
+            if self.normalize:
+                expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
+        else:
+            top_logits, expert_ids = logits.topk(self.top_k, dim=-1)        # sorted, [N, k]
+            expert_weights = top_logits.float().softmax(dim=-1)             # softmax over the k chosen only
         return self.experts(flat, expert_ids, expert_weights).view_as(x)
 
 
@@ -205,7 +233,9 @@ class Transformer(nn.Module):
             layers=nn.ModuleList(Block(cfg, i, quantized_experts) for i in range(cfg.num_layers)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from the embedding
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:  # one [V, H] matrix both reads tokens in and scores them out
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg)
 
     def use_kernels(self, enabled: bool = True) -> "Transformer":
@@ -222,11 +252,13 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab] (fp32).
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (fp32), or [B, 1, vocab] for the last token only.
 
         positions [B, T] default to 0..T-1, or continue each row of the cache when one is given
-        (a `gptoss.generation.cache.KVCache`); negative positions mark padding.
+        (a `gptoss.generation.cache.KVCache`); negative positions mark padding. `last_only` skips
+        the unembedding of every other position, which generation never reads.
         """
         if positions is None:
             if cache is not None:
@@ -239,4 +271,6 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         for block in self.model.layers:
             x = block(x, cos, sin, positions, cache)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()

@@ -1,0 +1,74 @@
+"""What `gptoss bench` measures: load time, prefill and decode speed, bytes per decoded token, peak RSS."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from gptoss.generation.cache import KVCache
+from gptoss.model.transformer import Transformer
+from gptoss.weights.checkpoint import load_model
+
+
+def bytes_per_decoded_token(model: Transformer) -> int:
+    """Weight bytes one decode step reads: everything but the embedding table (one row of it) and the
+    experts (the routed top-k of each layer, assumed distinct). The KV cache is not counted."""
+    cfg, total = model.config, 0
+    for name, t in model.state_dict().items():
+        if name == "model.embed_tokens.weight":
+            total += t[0].nbytes
+        elif ".mlp.experts." in name:
+            total += t.nbytes * cfg.experts_per_token // cfg.num_experts
+        else:
+            total += t.nbytes
+    return total
+
+
+@torch.inference_mode()
+def prefill_seconds(model: Transformer, length: int, chunk: int, seed: int = 0) -> tuple[float, KVCache]:
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    cache = KVCache(model.config, 1, length + 1024, chunk=chunk, dtype=model.dtype)
+    start = time.perf_counter()
+    for s in range(0, length, chunk):
+        logits = model(ids[:, s:s + chunk], cache=cache, last_only=True)
+    return time.perf_counter() - start, (cache, logits)
+
+
+@torch.inference_mode()
+def decode_seconds(model: Transformer, cache: KVCache, logits: torch.Tensor, steps: int) -> float:
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = model(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    return time.perf_counter() - start
+
+
+def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = None, chunk: int = 128,
+                  kernels: bool = True, dtype: torch.dtype | None = None, warmup: bool = True) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = load_model(path, dtype=dtype, kernels=kernels)
+    load_s = time.perf_counter() - start
+    if warmup:  # first calls fault the mapped weights in and warm allocators
+        prefill_seconds(model, min(prompt_lens + [chunk]), chunk, seed=1)
+    prefill = {}
+    for length in prompt_lens:
+        seconds, (cache, logits) = prefill_seconds(model, length, chunk)
+        prefill[str(length)] = length / seconds
+    decode_s = decode_seconds(model, cache, logits, gen)
+    per_token = bytes_per_decoded_token(model)
+    return {
+        "model": str(path),
+        "threads": torch.get_num_threads(),
+        "kernels": any(b.mlp.experts.use_kernel for b in model.model.layers),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "load_s": load_s,
+        "prefill_tok_s": prefill,
+        "decode_tok_s": gen / decode_s,
+        "decode_gb_per_token": per_token / 1e9,
+        "decode_gb_s": per_token * gen / decode_s / 1e9,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }

@@ -1,0 +1,78 @@
+"""The `gptoss` command as a person uses it: generate, a two-turn chat in a terminal, model resolution."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from gptoss import preset
+from gptoss.cli.main import main as cli
+from gptoss.weights.hub import resolve_model
+
+GPTOSS = [sys.executable, "-m", "gptoss.cli.main"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from gptoss.weights.random_checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("cli") / "tiny", seed=2)
+
+
+def test_generate_streams_a_completion(tiny_model):
+    run = subprocess.run([*GPTOSS, "generate", "--model", str(tiny_model), "--max-tokens", "12", "--threads", "1",
+                          "Hello, world"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("Hello, world") and len(run.stdout) > len("Hello, world\n")
+    assert re.search(r"\[\d+ tokens, [\d.]+ tok/s\]", run.stderr)
+
+
+def test_chat_in_a_terminal_keeps_the_conversation_and_resets(tiny_model):
+    """Drives `gptoss chat` through a pseudo-terminal: two turns, /reset, a third turn, /exit.
+
+    The status line after each answer gives the prompt's length: the second prompt holds the first
+    turn, so it is longer; after /reset the prompt is back to the size of a first turn."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(GPTOSS[0], [*GPTOSS[1:], "chat", "--model", str(tiny_model), "--max-tokens", "8",
+                                      "--threads", "1"], encoding="utf-8", timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    sizes = []
+    try:
+        for line in ("Hello there", "And now?", "/reset", "Hello there", "/exit"):
+            child.expect_exact("> ")
+            child.sendline(line)
+            if line == "/reset":
+                child.expect_exact("[conversation cleared]")
+            elif line != "/exit":
+                child.expect(r"\[prompt (\d+) tokens, (\d+) new")
+                sizes.append(int(child.match.group(1)))
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    first, second, after_reset = sizes
+    assert second > first + 8          # the first turn (question and answer) is in the second prompt
+    assert after_reset == first        # the same first turn again, from an empty conversation
+
+
+def test_offline_hub_id_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-gptoss-test")
+    assert cli(["generate", "--model", "openai/gpt-oss-20b", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "openai/gpt-oss-20b" in err and "cannot be downloaded" in err and "Traceback" not in err
+
+
+def test_model_resolution(tiny_model, tmp_path):
+    assert resolve_model(str(tiny_model)) == tiny_model
+    with pytest.raises(Exception, match="no such directory"):
+        resolve_model(str(tmp_path / "missing" / "dir"))
+
+
+def test_kv_cache_command(capsys):
+    assert cli(["kv-cache", "--preset", "gpt-oss-20b", "--context", "4096,131072"]) == 0
+    out = capsys.readouterr().out
+    assert "106,930,176 bytes" in out and "3,227,492,352 bytes" in out
+    assert cli(["kv-cache", "--context", "4k"]) == 2
