@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptoss.kernels.moe import fused_experts, kernel_applies
+from gptoss.model.attention import attend
 from gptoss.model.config import ModelConfig
 from gptoss.weights import mxfp4
 
@@ -78,18 +79,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def visible_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """q_pos [B, T], k_pos [B, S] -> bool [B, T, S]: causal, banded to `window` keys on sliding layers.
-
-    A negative key position marks an empty cache slot or padding: never visible.
-    """
-    q, k = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
-    visible = (k <= q) & (k >= 0)
-    if window is not None:
-        visible &= q - k < window  # q - window + 1 <= k <= q: `window` keys, the query's own included
-    return visible
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -121,18 +110,7 @@ class Attention(nn.Module):
             k, v, k_pos = cache.update(self.layer, k, v)
 
         q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)                # [B, Hkv, G, T, D]
-        k, v = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
-        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(D)          # [B, Hkv, G, T, S]
-        mask = visible_keys(positions, k_pos, self.window)[:, None, None]   # [B, 1, 1, T, S]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        if self.sinks is None:
-            probs = scores.softmax(dim=-1)
-        else:
-            # The sink joins the softmax as one more column and is then dropped: it has no value vector,
-            # so a head can give part (or all) of its attention to nothing.
-            sinks = self.sinks.float().view(1, Hkv, G, 1, 1).expand(B, Hkv, G, T, 1)
-            probs = torch.cat((scores, sinks), dim=-1).softmax(dim=-1)[..., :-1]
-        out = probs.to(v.dtype) @ v                                          # [B, Hkv, G, T, D]
+        out = attend(q, k, v, positions, k_pos, self.window, self.sinks)   # [B, Hkv, G, T, D]
         return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.num_heads * D))
 
 
