@@ -76,3 +76,14 @@ def test_kv_cache_command(capsys):
     out = capsys.readouterr().out
     assert "106,930,176 bytes" in out and "3,227,492,352 bytes" in out
     assert cli(["kv-cache", "--context", "4k"]) == 2
+
+
+def test_bench_json_has_the_promised_keys(tiny_model, capsys):
+    import json
+
+    assert cli(["bench", "--model", str(tiny_model), "--prompt-lens", "16,32", "--gen", "4", "--threads", "1",
+                "--chunk", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["prefill_tok_s"]) == {"16", "32"} and all(v > 0 for v in result["prefill_tok_s"].values())
+    for key in ("decode_tok_s", "decode_gb_s", "load_s", "peak_rss_gb"):
+        assert result[key] > 0
