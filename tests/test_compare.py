@@ -238,7 +238,7 @@ def test_json_and_plot(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--models", "gpt-oss-20b,nonesuch"], "unknown model 'nonesuch'"),
-    (["--context", "4096,0"], "not a positive number"),
+    (["--context", "4096,0"], "--context needs positive integers"),
     (["--models", " , "], "needs at least one"),
 ])
 def test_bad_options_are_one_line_errors(capsys, argv, message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gptoss.cli.generate_commands import DTYPES, parse_ints
+from gptoss.cli.options import DTYPES, parse_ints
 from gptoss.generation.benchmark import run_benchmark
 from gptoss.weights.hub import resolve_model
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 from gptoss.chat.harmony import Chat, MessageEnd, StreamParser, TextDelta, render_for_completion, stop_tokens
-from gptoss.cli.generate_commands import add_model_options, add_sampling_options, load_from_args, sampling_params
+from gptoss.cli.options import add_model_options, add_sampling_options, load_from_args, sampling_params
 from gptoss.generation.generate import stream
 
 DIM, RESET = "\033[2m", "\033[0m"

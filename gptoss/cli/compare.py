@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gptoss.analysis.architectures import BUILTIN, resolve
 from gptoss.analysis.compare import plot, render, report
+from gptoss.cli.options import parse_ints
 from gptoss.errors import GptossError
 
 DEFAULT_CONTEXTS = "4096,32768,131072"
@@ -32,7 +33,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     archs = [resolve(spec) for spec in _split(args.models, "--models")]
-    contexts = [_context(item) for item in _split(args.context, "--context")]
+    contexts = parse_ints(args.context, "--context")
     rep = report(archs, contexts)
     sys.stdout.write(json.dumps(rep, indent=2) + "\n" if args.json else render(rep))
     if args.plot:
@@ -46,9 +47,3 @@ def _split(value: str, option: str) -> list[str]:
     if not items:
         raise GptossError(f"{option} needs at least one value")
     return items
-
-
-def _context(item: str) -> int:
-    if not item.isdigit() or int(item) < 1:
-        raise GptossError(f"--context: {item!r} is not a positive number of tokens")
-    return int(item)

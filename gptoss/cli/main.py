@@ -6,13 +6,13 @@ import argparse
 import sys
 
 from gptoss.errors import GptossError
-from gptoss.cli import bench, chat, checkpoint_commands, compare, generate_commands
+from gptoss.cli import bench, chat, checkpoint_commands, compare, generate_commands, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="GPT-OSS models in plain PyTorch")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (checkpoint_commands, generate_commands, chat, bench, compare):
+    for module in (checkpoint_commands, generate_commands, chat, serve, bench, compare):
         module.register(subparsers)
     return parser
 

@@ -12,6 +12,7 @@ overwrites a real key.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,7 @@ class KVCache:
             slots = torch.where(padding, n, positions % n)
             slot_positions.scatter_(1, slots, positions.masked_fill(padding, -1))
             self._write_slots[n] = slots
-        self.lengths = torch.maximum(self.lengths, positions.max(dim=1).values + 1)
+        torch.maximum(self.lengths, positions.max(dim=1).values + 1, out=self.lengths)  # in place: see rows()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Writes k, v [B, T, Hkv, D] of `layer`; returns its keys, values [B, S, Hkv, D] and their positions [B, S]."""
@@ -100,6 +101,21 @@ class KVCache:
         # Full layers: only the slots written so far; sliding: the whole ring. The spare slot is left out.
         used = min(n, int(self.lengths.max()))
         return self.keys[layer][:, :used], self.values[layer][:, :used], self.slot_positions[n][:, :used]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The cache of rows start..stop-1, sharing this cache's buffers: what it writes lands here.
+
+        A server keeps one row per request: it prefills a new request alone through `rows(i, i + 1)`,
+        decodes the busy rows through `rows(0, last busy + 1)`, and frees a row with `rows(i, i + 1).reset()`.
+        Slicing the batch dimension gives views, so nothing is copied.
+        """
+        view = copy.copy(self)
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        view.slot_positions = {n: p[start:stop] for n, p in self.slot_positions.items()}
+        view.lengths = self.lengths[start:stop]
+        view._write_slots = {}
+        return view
 
     def reset(self) -> None:
         self.lengths.zero_()

@@ -10,7 +10,7 @@ compare it with (a Qwen3-MoE block, a Gemma-3-style 5:1 `sliding_pattern`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from gptoss.errors import GptossError

@@ -18,7 +18,7 @@ import torch
 
 from gptoss.model.config import ModelConfig
 from gptoss.weights.checkpoint import INDEX_FILE
-from gptoss.weights.layout import (HF, ORIGINAL, ORIGINAL_BLOCK_NAMES, ORIGINAL_FUSED_QKV, ORIGINAL_GLOBAL_NAMES,
+from gptoss.weights.layout import (HF, ORIGINAL_BLOCK_NAMES, ORIGINAL_FUSED_QKV, ORIGINAL_GLOBAL_NAMES,
                                    TensorSpec, model_tensor_specs)
 
 FP4_RMS = 2.93  # root mean square of the 16 FP4 values, uniformly drawn
