@@ -131,6 +131,18 @@ def test_config_contradicts_tensors(good):
     expect_error(good, "has shape", "config.json implies")
 
 
+def test_quantization_config_contradicts_dense_experts(tmp_path):
+    from tests.conftest import random_hf_model
+
+    cfg = tiny_config(num_layers=2)
+    random_hf_model(cfg).save_pretrained(tmp_path / "dense")
+    load_model(tmp_path / "dense")  # dense experts, no quantization_config: fine
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "dense" / "config.json").write_text(json.dumps(config))
+    expect_error(tmp_path / "dense", "quantization_config says the experts are MXFP4")
+
+
 def test_no_known_layout(good):
     rewrite(good, lambda t: t.update({"foo": t.pop("model.embed_tokens.weight")}))
     expect_error(good, "no known layout")

@@ -125,3 +125,19 @@ def test_sampling_filters():
 def test_context_overflow_is_a_clear_error(model):
     with pytest.raises(ContextError, match="exceeds the model's context"):
         generate(model, [1] * 4000, max_new_tokens=200)
+
+
+def test_text_stream_joins_to_the_decoded_tokens(tmp_path):
+    """stream_text's pieces join to the tokenizer's decode of the same tokens, multi-byte characters
+    whole; gptoss.generate is the same function at the package's top level."""
+    import gptoss
+    from gptoss import preset
+    from gptoss.weights.random_checkpoint import write_random_checkpoint
+
+    model = load_model(write_random_checkpoint(preset("tiny"), tmp_path / "tiny", seed=3), dtype=torch.float32)
+    prompt = gptoss.get_tokenizer().encode("Ünïcödé 🙂 text")
+    pairs = list(gptoss.stream_text(model, prompt, 40, SamplingParams(1.0, seed=0)))
+    tokens = [t for t, _ in pairs if t is not None]
+    assert tokens == gptoss.generate(model, prompt, 40, temperature=1.0, seed=0, stop_tokens=())
+    text_tokens = [t for t in tokens if t < 199998]
+    assert "".join(text for _, text in pairs) == gptoss.get_tokenizer().decode(text_tokens, errors="replace")

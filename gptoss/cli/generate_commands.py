@@ -7,7 +7,7 @@ import time
 
 from gptoss.cli.options import add_model_options, add_sampling_options, load_from_args, parse_ints, sampling_params
 from gptoss.generation.cache import kv_cache_bytes
-from gptoss.generation.generate import stream
+from gptoss.generation.generate import stream_text
 from gptoss.model.config import PRESETS, preset
 
 
@@ -25,19 +25,14 @@ def run_generate(args) -> int:
 
     params = sampling_params(args)
     model = load_from_args(args)
-    tokenizer = get_tokenizer()
-    prompt = tokenizer.encode(args.text, allowed_special="all")
+    prompt = get_tokenizer().encode(args.text, allowed_special="all")
     sys.stdout.write(args.text)
-    start, pending, count = time.perf_counter(), [], 0
-    for token in stream(model, prompt, args.max_tokens, params, stop_tokens=model.config.eos_token_ids):
-        count += 1
-        pending.append(token)
-        text = tokenizer.decode(pending, errors="replace")
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            pending = []
-    sys.stdout.write(tokenizer.decode(pending, errors="replace") + "\n")
+    start, count = time.perf_counter(), 0
+    for token, text in stream_text(model, prompt, args.max_tokens, params, stop_tokens=model.config.eos_token_ids):
+        count += token is not None
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     print(f"[{count} tokens, {count / (time.perf_counter() - start):.1f} tok/s]", file=sys.stderr)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from typing import Iterator, Sequence
 
 import torch
@@ -62,6 +63,23 @@ def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
     """Yields the new tokens of one prompt as they come, the stop token included."""
     for (token,) in stream_batch(model, [prompt_ids], max_new_tokens, params, stop_tokens, chunk):
         yield token
+
+
+def stream_text(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
+                params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
+                chunk: int = 128) -> Iterator[tuple[int | None, str]]:
+    """Yields (token, text) as tokens come: the text each token completes, decoded incrementally so a
+    character split across tokens appears whole, with the token that finishes it. Special tokens carry
+    no text. A character left incomplete when generation stops comes last, as (None, U+FFFD)."""
+    from gptoss.chat.tokenizer import NUM_TEXT_TOKENS, get_tokenizer
+
+    tokenizer = get_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in stream(model, prompt_ids, max_new_tokens, params, stop_tokens, chunk):
+        special = token >= NUM_TEXT_TOKENS
+        yield token, "" if special else decoder.decode(tokenizer.decode_single_token_bytes(token))
+    if tail := decoder.decode(b"", final=True):
+        yield None, tail
 
 
 def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,

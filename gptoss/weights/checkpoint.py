@@ -110,6 +110,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     else:
         raise CheckpointError(f"{directory}: tensors are in no known layout (neither model.embed_tokens.weight "
                               f"nor embedding.weight found)")
+    quantization = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    if quantization.get("quant_method") == "mxfp4" and not quantization.get("dequantize") and not quantized:
+        raise CheckpointError(f"{directory / 'config.json'}: quantization_config says the experts are MXFP4, "
+                              f"but the tensors hold them dense (no *_blocks / *_scales)")
     _validate(directory, config, tensors, checkpoint_tensor_specs(config, layout, quantized))
     return Checkpoint(directory, config, layout, quantized, tensors)
 
