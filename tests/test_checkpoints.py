@@ -168,3 +168,24 @@ def test_cli_reports_one_line(good, capsys):
     assert cli(["inspect", str(good)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("gptoss: error:") and "'lm_head.weight'" in err and "\n" not in err
+
+
+def test_dense_options_and_f16(tmp_checkpoint):
+    """dequantize_experts gives dense experts with the same logits; an fp16 load runs the reference path."""
+    path = tmp_checkpoint(tiny_config(num_layers=2), "hf", seed=4)
+    packed, dense = load_model(path, dtype=torch.float32), load_model(path, dtype=torch.float32, dequantize_experts=True)
+    assert dense.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    ids = torch.arange(10).view(1, 10)
+    with torch.no_grad():
+        assert torch.allclose(packed(ids), dense(ids), atol=1e-5)
+        half = load_model(path, dtype=torch.float16)(ids)
+    assert half.isfinite().all()
+
+
+def test_make_checkpoint_refuses_bad_output_and_layers(tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.safetensors").write_bytes(b"x")
+    assert cli(["make-checkpoint", "--preset", "tiny", "--out", str(tmp_path / "full")]) == 2
+    assert cli(["make-checkpoint", "--preset", "tiny", "--layers", "0", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--layers must be at least 1" in err

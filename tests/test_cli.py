@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gptoss import preset
+from gptoss import GptossError, preset
 from gptoss.cli.main import main as cli
 from gptoss.weights.hub import resolve_model
 
@@ -67,7 +67,7 @@ def test_offline_hub_id_is_a_clear_error(monkeypatch, capsys):
 
 def test_model_resolution(tiny_model, tmp_path):
     assert resolve_model(str(tiny_model)) == tiny_model
-    with pytest.raises(Exception, match="no such directory"):
+    with pytest.raises(GptossError, match="no such directory"):
         resolve_model(str(tmp_path / "missing" / "dir"))
 
 

@@ -75,7 +75,34 @@ def test_fused_experts_bf16_no_worse_than_reference_bf16():
     assert (fused - truth).abs().max() <= (reference - truth).abs().max()
 
 
+def test_dequantize_bf16_is_exact():
+    blocks, scales, *_ = random_problem()
+    assert torch.equal(kernels.dequantize_bf16(blocks[2], scales[2]), mxfp4.dequantize(blocks[2], scales[2]))
+
+
+def test_many_slots_take_the_gemm_branch_and_agree():
+    """With 40 tokens on 6 experts top-3, most experts get >= GEMM_MIN_SLOTS slots (dequantize + bf16
+    GEMM), some fewer (the fused kernel); the mix must still be no worse than the reference."""
+    from gptoss.kernels.moe import GEMM_MIN_SLOTS
+
+    experts, _, _, _ = make_experts(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, experts.down_proj_bias.shape[1], generator=g).bfloat16()
+    top, ids = torch.randn(40, 6, generator=g).topk(3)
+    ids[:3] = torch.tensor([5, 4, 3])                                # expert 5 stays below the threshold
+    ids[3:, :] = torch.randint(0, 5, (37, 1), generator=g).add(torch.arange(3)) % 5
+    w = top.softmax(-1)
+    counts = torch.bincount(ids.flatten(), minlength=6)
+    assert (counts >= GEMM_MIN_SLOTS).any() and ((counts > 0) & (counts < GEMM_MIN_SLOTS)).any()
+    truth = experts.float()(x.float(), ids, w)
+    experts.bfloat16()
+    fused = fused_experts(experts, x, ids, w).float()
+    reference = experts(x, ids, w).float()
+    assert (fused - truth).abs().max() <= 1.01 * (reference - truth).abs().max()
+
+
 def test_out_of_range_scales_keep_the_reference_path():
     experts, *_ = make_experts(torch.bfloat16)
     experts.down_proj_scales[0, 0, 0] = 255
-    assert not kernel_applies(experts)
+    with pytest.warns(UserWarning, match="scales outside"):
+        assert not kernel_applies(experts)

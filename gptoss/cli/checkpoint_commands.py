@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from gptoss.errors import GptossError
 from gptoss.model.config import PRESETS, ModelConfig, preset
 from gptoss.weights.checkpoint import open_checkpoint
 from gptoss.weights.layout import LAYOUTS
@@ -32,7 +33,9 @@ def register(subparsers) -> None:
 
 def make_checkpoint(args) -> int:
     cfg: ModelConfig = ModelConfig.from_json_file(args.config) if args.config else preset(args.preset)
-    if args.layers:
+    if args.layers is not None:
+        if args.layers < 1:
+            raise GptossError(f"--layers must be at least 1, got {args.layers}")
         cfg = cfg.with_layers(args.layers)
     start = time.perf_counter()
     out = write_random_checkpoint(cfg, args.out, layout=args.layout, seed=args.seed,

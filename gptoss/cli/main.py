@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except GptossError as e:
+    except (GptossError, OSError) as e:  # bad input, or a file that cannot be read or written
         print(f"gptoss: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,9 +27,11 @@ def bytes_per_decoded_token(model: Transformer) -> int:
 
 
 @torch.inference_mode()
-def prefill_seconds(model: Transformer, length: int, chunk: int, seed: int = 0) -> tuple[float, KVCache]:
+def prefill_seconds(model: Transformer, length: int, chunk: int, seed: int = 0,
+                    room: int = 0) -> tuple[float, tuple[KVCache, torch.Tensor]]:
+    """Seconds to prefill `length` random tokens, and the cache and last logits, with `room` left to decode."""
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
-    cache = KVCache(model.config, 1, length + 1024, chunk=chunk, dtype=model.dtype)
+    cache = KVCache(model.config, 1, length + room, chunk=chunk, dtype=model.dtype)
     start = time.perf_counter()
     for s in range(0, length, chunk):
         logits = model(ids[:, s:s + chunk], cache=cache, last_only=True)
@@ -46,17 +48,16 @@ def decode_seconds(model: Transformer, cache: KVCache, logits: torch.Tensor, ste
 
 
 def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = None, chunk: int = 128,
-                  kernels: bool = True, dtype: torch.dtype | None = None, warmup: bool = True) -> dict:
+                  kernels: bool = True, dtype: torch.dtype | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
     model = load_model(path, dtype=dtype, kernels=kernels)
     load_s = time.perf_counter() - start
-    if warmup:  # first calls fault the mapped weights in and warm allocators
-        prefill_seconds(model, min(prompt_lens + [chunk]), chunk, seed=1)
+    prefill_seconds(model, min(prompt_lens + [chunk]), chunk, seed=1)  # warm-up: faults the mapped weights in
     prefill = {}
     for length in prompt_lens:
-        seconds, (cache, logits) = prefill_seconds(model, length, chunk)
+        seconds, (cache, logits) = prefill_seconds(model, length, chunk, room=gen)
         prefill[str(length)] = length / seconds
     decode_s = decode_seconds(model, cache, logits, gen)
     per_token = bytes_per_decoded_token(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import numbers
 from typing import Iterator, Sequence
 
 import torch
@@ -12,10 +13,14 @@ from gptoss.generation.sampling import SamplingParams, sample
 from gptoss.model.transformer import Transformer
 
 
+def _is_single(prompt_ids) -> bool:
+    """One prompt (ints, or a 1-D tensor / array) rather than a batch of them."""
+    return getattr(prompt_ids, "ndim", None) == 1 or (len(prompt_ids) > 0 and isinstance(prompt_ids[0], numbers.Integral))
+
+
 def _as_batch(prompt_ids) -> list[list[int]]:
-    if len(prompt_ids) and isinstance(prompt_ids[0], int):
-        return [list(prompt_ids)]
-    return [list(p) for p in prompt_ids]
+    prompts = [prompt_ids] if _is_single(prompt_ids) else prompt_ids
+    return [[int(t) for t in p] for p in prompts]
 
 
 @torch.inference_mode()
@@ -29,6 +34,8 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ContextError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ContextError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     longest = max(len(p) for p in prompts)
     context = longest + max_new_tokens
     if context > model.config.max_context:
@@ -45,7 +52,7 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
 
     for start in range(0, longest, chunk):
         logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache, last_only=True)
-    generator = params.generator()
+    generator = params.generator(device)
     stopped = [False] * len(prompts)
     stop = set(stop_tokens)
     for step in range(max_new_tokens):
@@ -98,5 +105,4 @@ def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: f
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)
-    single = len(prompt_ids) and isinstance(prompt_ids[0], int)
-    return outputs[0] if single else outputs
+    return outputs[0] if _is_single(prompt_ids) else outputs

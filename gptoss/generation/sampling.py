@@ -27,8 +27,9 @@ class SamplingParams:
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise GptossError(f"min_p must be in [0, 1], got {self.min_p}")
 
-    def generator(self) -> torch.Generator | None:
-        return None if self.seed is None else torch.Generator().manual_seed(self.seed)
+    def generator(self, device: str | torch.device = "cpu") -> torch.Generator | None:
+        """A generator for `sample` on `device` (where the logits live), or None when unseeded."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

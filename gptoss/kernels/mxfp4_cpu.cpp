@@ -150,19 +150,14 @@ void rows_bf16(const Problem& p, int64_t e, int64_t r0, int64_t r1, const at::BF
 
 }  // namespace
 
-bool has_avx512_bf16() {
-#ifdef GPTOSS_AVX512_BF16
-  return true;
-#else
-  return false;
-#endif
-}
-
 // x [S, K] (bf16 or fp32, slots sorted by expert), offsets [E + 1] -> y [S, R] fp32 (bias added).
 torch::Tensor moe_matmul(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
                          torch::Tensor offsets) {
   TORCH_CHECK(blocks.dtype() == torch::kUInt8 && scales.dtype() == torch::kUInt8, "MXFP4 blocks/scales must be uint8");
   TORCH_CHECK(blocks.dim() == 4 && blocks.size(3) == 16, "blocks must be [E, R, K/32, 16]");
+  TORCH_CHECK(x.is_cpu() && blocks.is_cpu() && scales.is_cpu() && bias.is_cpu(), "CPU tensors only");
+  TORCH_CHECK(scales.sizes() == blocks.sizes().slice(0, 3), "scales must be [E, R, K/32]");
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == blocks.size(0) && bias.size(1) == blocks.size(1), "bias must be [E, R]");
   TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.numel() == blocks.size(0) + 1, "offsets must be int64 [E + 1]");
   x = x.contiguous();
   blocks = blocks.contiguous();
@@ -171,6 +166,7 @@ torch::Tensor moe_matmul(torch::Tensor x, torch::Tensor blocks, torch::Tensor sc
   const int64_t E = blocks.size(0), R = blocks.size(1), groups = blocks.size(2), K = groups * BLOCK;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [S, ", K, "]");
   const int64_t S = x.size(0);
+  TORCH_CHECK(offsets[E].item<int64_t>() == S, "offsets must end at the number of rows of x");
   auto y = torch::empty({S, R}, x.options().dtype(torch::kFloat32));
   Problem p{K, R, groups, blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>()};
 
@@ -207,7 +203,36 @@ torch::Tensor moe_matmul(torch::Tensor x, torch::Tensor blocks, torch::Tensor sc
   return y;
 }
 
+// blocks [R, K/32, 16], scales [R, K/32] -> bf16 [R, K]: one expert's weight, for prefill, where many
+// tokens share each expert and a bf16 GEMM (AMX/AVX-512 in oneDNN) beats decoding per token group.
+torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
+  TORCH_CHECK(blocks.dtype() == torch::kUInt8 && scales.dtype() == torch::kUInt8 && blocks.dim() == 3 &&
+              blocks.size(2) == 16 && scales.sizes() == blocks.sizes().slice(0, 2) && blocks.is_cpu(),
+              "blocks must be uint8 [R, K/32, 16] and scales uint8 [R, K/32], on the CPU");
+  blocks = blocks.contiguous();
+  scales = scales.contiguous();
+  const int64_t R = blocks.size(0), groups = blocks.size(1);
+  auto out = torch::empty({R, groups * BLOCK}, torch::TensorOptions().dtype(torch::kBFloat16));
+  const uint8_t* b = blocks.data_ptr<uint8_t>();
+  const uint8_t* s = scales.data_ptr<uint8_t>();
+  at::BFloat16* o = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+#ifdef GPTOSS_AVX512_BF16
+    const __m512i table = fp4_bf16_table();
+    for (int64_t i = begin * groups; i < end * groups; ++i)
+      _mm512_storeu_si512(o + i * BLOCK, (__m512i)decode_block_bf16(b + i * 16, s[i], table));
+#else
+    std::vector<float> row(groups * BLOCK);
+    for (int64_t r = begin; r < end; ++r) {
+      decode_row_f32(b + r * groups * 16, s + r * groups, groups, row.data());
+      for (int64_t k = 0; k < groups * BLOCK; ++k) o[r * groups * BLOCK + k] = at::BFloat16(row[k]);
+    }
+#endif
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequantize_bf16", &dequantize_bf16, "one expert's MXFP4 weight as bf16 [R, K]");
   m.def("moe_matmul", &moe_matmul, "MXFP4 grouped matmul over experts (slots sorted by expert)");
-  m.def("has_avx512_bf16", &has_avx512_bf16, "whether the AVX-512 BF16 inner loop was compiled in");
 }

@@ -10,7 +10,7 @@ compare it with (a Qwen3-MoE block, a Gemma-3-style 5:1 `sliding_pattern`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gptoss.errors import GptossError
@@ -78,6 +78,10 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"config {self.name!r}: {message}")
 
+        sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts",
+                 "intermediate_size", "max_context")
+        for size in sizes:
+            need(getattr(self, size) >= 1, f"{size} must be positive, got {getattr(self, size)}")
         need(len(self.layer_types) == self.num_layers,
              f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         need(set(self.layer_types) <= {SLIDING, FULL}, f"unknown layer type in {sorted(set(self.layer_types))}")
@@ -102,10 +106,6 @@ class ModelConfig:
     def with_layers(self, num_layers: int) -> "ModelConfig":
         """The same geometry cut (or extended) to `num_layers`, keeping the alternation."""
         return replace(self, num_layers=num_layers, layer_types=())
-
-    @property
-    def kv_groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
@@ -307,9 +307,6 @@ class ModelConfig:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         raise ConfigError(f"{path}: neither a Hugging Face gpt_oss config nor an OpenAI original/ config")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def sliding_pattern(num_layers: int, local_per_global: int) -> tuple[str, ...]:

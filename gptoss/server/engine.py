@@ -57,7 +57,7 @@ class Request:
             raise ContextError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.prompt, self.max_new_tokens, self.params = list(prompt), max_new_tokens, params
         self.stop_tokens = frozenset(stop_tokens)
-        self.generator = params.generator()  # this request's own random stream: seeds hold in any batch
+        self.generator = None  # this request's own random stream (seeds hold in any batch), made on the model's device
         self.finish_reason: str | None = None
         self.cancelled = False
         self._loop = asyncio.get_running_loop()
@@ -168,14 +168,18 @@ class Engine:
             if request is not None and request.cancelled:
                 self._finish(i, "cancelled")
         with self._wakeup:
+            cancelled = [r for r in self._waiting if r.cancelled]
             self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        for request in cancelled:  # a consumer still reading tokens() learns it ended
+            request._deliver(_Finished("cancelled"))
 
     def _admit(self) -> None:
         """Moves waiting requests into free slots (their rows were reset when the slot was freed)."""
         with self._wakeup:
             for i, request in enumerate(self.slots):
                 if request is None and self._waiting:
-                    self.slots[i] = self._waiting.popleft()
+                    self.slots[i] = admitted = self._waiting.popleft()
+                    admitted.generator = admitted.params.generator(self.model.device)
 
     def _prefill_chunk(self, slots: list[int]) -> None:
         """The next chunk of slot i's prompt, alone in its own row; the first new token once it is all in."""

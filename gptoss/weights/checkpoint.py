@@ -24,7 +24,7 @@ from gptoss.model.config import ConfigError, ModelConfig
 from gptoss.model.transformer import Transformer
 from gptoss.weights import mxfp4
 from gptoss.weights.layout import (HF, ORIGINAL, ORIGINAL_BLOCK_NAMES, ORIGINAL_FUSED_QKV, ORIGINAL_GLOBAL_NAMES,
-                                   checkpoint_tensor_specs, is_norm)
+                                   checkpoint_tensor_specs, is_dense_expert, is_norm)
 
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -73,7 +73,7 @@ class Checkpoint:
             for name in self.tensors:
                 t = self.tensor(name)
                 # transformers' save_pretrained writes dense experts as [E, in, out]; we keep [E, out, in].
-                yield name, t.transpose(1, 2) if name.endswith(("experts.gate_up_proj", "experts.down_proj")) else t
+                yield name, t.transpose(1, 2) if is_dense_expert(name) else t
             return
         cfg = self.config
         for orig, ours in ORIGINAL_GLOBAL_NAMES.items():
@@ -110,7 +110,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     else:
         raise CheckpointError(f"{directory}: tensors are in no known layout (neither model.embed_tokens.weight "
                               f"nor embedding.weight found)")
-    quantization = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    quantization = json.loads((directory / "config.json").read_text()).get("quantization_config")
+    quantization = quantization if isinstance(quantization, dict) else {}
     if quantization.get("quant_method") == "mxfp4" and not quantization.get("dequantize") and not quantized:
         raise CheckpointError(f"{directory / 'config.json'}: quantization_config says the experts are MXFP4, "
                               f"but the tensors hold them dense (no *_blocks / *_scales)")

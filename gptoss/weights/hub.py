@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from gptoss.errors import GptossError
@@ -28,9 +30,15 @@ def default_model() -> Path:
     if not (path / "config.json").exists():
         print(f"gptoss: no --model given: making a small random-weight checkpoint at {path} "
               f"(its output is gibberish; pass --model for a real one)", file=sys.stderr)
-        tmp = path.with_name(path.name + ".partial")
-        write_random_checkpoint(preset(DEFAULT_PRESET), tmp, seed=0)
-        tmp.rename(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))  # two first runs never share it
+        write_random_checkpoint(preset(DEFAULT_PRESET), tmp / "ckpt", seed=0)
+        try:
+            (tmp / "ckpt").rename(path)
+        except OSError:  # another first run got there first: its checkpoint is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+            return path
+        tmp.rmdir()
     return path
 
 

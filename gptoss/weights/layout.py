@@ -1,8 +1,8 @@
 """The two checkpoint layouts GPT-OSS is published in, described once.
 
 `model_tensor_specs` lists the tensors our model holds (Hugging Face names, our shapes);
-`checkpoint_tensor_specs` lists what a checkpoint directory must contain in each layout, and
-`ORIGINAL_NAMES` maps OpenAI's `original/` names onto ours. Reading (checkpoint.py) and
+`checkpoint_tensor_specs` lists what a checkpoint directory must contain in each layout, and the
+`ORIGINAL_*` tables map OpenAI's `original/` names onto ours. Reading (checkpoint.py) and
 writing (random_checkpoint.py) both work from these tables.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gptoss.model.config import ModelConfig
+from gptoss.model.config import ConfigError, ModelConfig
 from gptoss.weights import mxfp4
 
 HF, ORIGINAL = "hf", "original"
@@ -28,6 +28,9 @@ def _float(*shape: int) -> TensorSpec:
 
 
 def _mxfp4(experts: int, rows: int, cols: int) -> dict[str, TensorSpec]:
+    if cols % mxfp4.BLOCK:
+        raise ConfigError(f"MXFP4 experts need hidden_size and intermediate_size divisible by {mxfp4.BLOCK}, "
+                          f"got a width of {cols}")
     groups = cols // mxfp4.BLOCK
     return {"blocks": TensorSpec((experts, rows, groups, 16), "uint8"),
             "scales": TensorSpec((experts, rows, groups), "uint8")}
@@ -92,7 +95,7 @@ def checkpoint_tensor_specs(cfg: ModelConfig, layout: str, quantized_experts: bo
         if quantized_experts:
             return ours
         # transformers writes dense experts transposed, as [E, in, out].
-        return {name: TensorSpec((s.shape[0], s.shape[2], s.shape[1]), s.kind) if _is_dense_expert(name) else s
+        return {name: TensorSpec((s.shape[0], s.shape[2], s.shape[1]), s.kind) if is_dense_expert(name) else s
                 for name, s in ours.items()}
     if not quantized_experts:
         raise ValueError("OpenAI's original layout stores experts in MXFP4 only")
@@ -105,7 +108,7 @@ def checkpoint_tensor_specs(cfg: ModelConfig, layout: str, quantized_experts: bo
     return specs
 
 
-def _is_dense_expert(name: str) -> bool:
+def is_dense_expert(name: str) -> bool:
     return name.endswith(("experts.gate_up_proj", "experts.down_proj"))
 
 

@@ -16,10 +16,11 @@ from typing import Callable
 
 import torch
 
+from gptoss.errors import GptossError
 from gptoss.model.config import ModelConfig
 from gptoss.weights.checkpoint import INDEX_FILE
 from gptoss.weights.layout import (HF, ORIGINAL_BLOCK_NAMES, ORIGINAL_FUSED_QKV, ORIGINAL_GLOBAL_NAMES,
-                                   TensorSpec, model_tensor_specs)
+                                   TensorSpec, is_norm, model_tensor_specs)
 
 FP4_RMS = 2.93  # root mean square of the 16 FP4 values, uniformly drawn
 
@@ -35,7 +36,7 @@ def random_tensor(name: str, spec: TensorSpec, seed: int) -> torch.Tensor:
         fan_in = shape[-1] * 32
         exponent = round(math.log2(1 / (FP4_RMS * math.sqrt(fan_in))))
         return (127 + exponent + torch.randint(-1, 2, shape, generator=gen)).to(torch.uint8)
-    if name.endswith("norm.weight"):
+    if is_norm(name):
         t = 1 + 0.1 * torch.randn(shape, generator=gen)
     elif name.endswith("sinks"):
         t = torch.randn(shape, generator=gen)
@@ -97,6 +98,8 @@ def write_random_checkpoint(cfg: ModelConfig, out: str | Path, layout: str = HF,
                             shard_bytes: int = 4 << 30, progress: Callable[[str], None] | None = None) -> Path:
     """Writes config.json and the weights; HF checkpoints larger than `shard_bytes` are sharded with an index."""
     out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise GptossError(f"{out}: not empty; choose a new directory (old shards would mix with the new ones)")
     out.mkdir(parents=True, exist_ok=True)
     entries = _entries(cfg, layout, seed)
     config = cfg.to_hf_config(quantized=True) if layout == HF else cfg.to_original_config()
