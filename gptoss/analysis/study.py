@@ -283,14 +283,18 @@ def train(variant: Variant, splits: Splits, settings: Settings, log: Callable[[s
 
 
 def run(variants: list[Variant], text: bytes, settings: Settings, out: str | Path,
-        log: Callable[[str], None] = print) -> dict:
-    """Trains every variant and writes out/results.json, out/results.md and out/loss_curves.png."""
+        log: Callable[[str], None] = print, source: str = TEXT_SOURCE) -> dict:
+    """Trains every variant and writes out/results.json, out/results.md and out/loss_curves.png.
+
+    `source` says where `text` came from, for results.json. The output folder is made first, so an
+    unwritable one fails before minutes of training rather than after."""
+    Path(out).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     splits = Splits.of(text, settings.val_fraction, settings.seq_len)
     log(f"text: {len(text):,} bytes ({len(splits.train):,} train, {len(splits.val):,} validation); "
         f"{len(variants)} variants x {settings.steps} steps x {settings.batch_size} x {settings.seq_len} bytes")
     results = {
-        "text": {"source": TEXT_SOURCE, "bytes": len(text), "sha256": hashlib.sha256(text).hexdigest(),
+        "text": {"source": source, "bytes": len(text), "sha256": hashlib.sha256(text).hexdigest(),
                  "train_bytes": len(splits.train), "val_bytes": len(splits.val)},
         "settings": asdict(settings),
         "torch": torch.__version__,

@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gptoss.cli.options import DTYPES, parse_ints
+from gptoss.cli.options import DTYPES, add_model_options, parse_ints
 from gptoss.generation.benchmark import run_benchmark
 from gptoss.weights.hub import resolve_model
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure load time, prefill and decode tokens/s, GB/s and peak RSS")
-    p.add_argument("--model", help="checkpoint directory or Hugging Face id (default: the small random checkpoint)")
+    add_model_options(p)
     p.add_argument("--prompt-lens", default="128,512", help="comma-separated prompt lengths for prefill")
     p.add_argument("--gen", type=int, default=32, help="tokens to decode after the last prompt")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--chunk", type=int, default=128, help="prefill chunk size")
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--reference", action="store_true", help="pure-PyTorch reference path instead of the kernels")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

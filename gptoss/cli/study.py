@@ -45,7 +45,8 @@ def run(args) -> int:
         raise StudyError("--variants needs at least one name")
     variants = study.select(study.default_variants(), names)
     results = study.run(variants, study.load_text(args.text), settings, args.out,
-                        log=lambda line: print(line, file=sys.stderr, flush=True))
+                        log=lambda line: print(line, file=sys.stderr, flush=True),
+                        source=str(args.text) if args.text else study.TEXT_SOURCE)
     sys.stdout.write(study.render(results))
     print(f"wrote {args.out / 'results.md'}, results.json and loss_curves.png", file=sys.stderr)
     return 0

@@ -436,7 +436,7 @@ class ChatOutput(Output):
         return deltas
 
     def finish_reason(self, engine_reason: str) -> str:
-        if self.tool_calls:
+        if self.tool_calls and engine_reason != "length":  # a call cut off by the budget is not a call
             return "tool_calls"
         return "stop" if self.stopped else engine_reason
 
