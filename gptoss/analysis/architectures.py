@@ -10,12 +10,11 @@ also exercise the loader.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from gptoss.errors import GptossError
-from gptoss.model.config import FULL, PRESETS, SLIDING, ConfigError, ModelConfig, sliding_pattern
+from gptoss.model.config import FULL, PRESETS, SLIDING, ConfigError, ModelConfig, read_config_json, sliding_pattern
 
 
 class ArchitectureError(GptossError):
@@ -194,12 +193,7 @@ def load_config_json(path: str | Path) -> Architecture:
     if path.is_dir():
         path = path / "config.json"
     name = path.parent.name if path.name == "config.json" else path.stem
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArchitectureError(f"{path}: cannot read config: {e}") from None
-    if not isinstance(raw, dict):
-        raise ArchitectureError(f"{path}: config.json is not a JSON object")
+    raw = read_config_json(path)
     if raw.get("model_type") in (None, "gpt_oss"):
         return Architecture.from_model_config(ModelConfig.from_json_file(path), name=name)
     return Architecture.from_config_dict(raw, name)

@@ -293,12 +293,7 @@ class ModelConfig:
     def from_json_file(cls, path: str | Path) -> "ModelConfig":
         """Reads either flavour of config.json, telling them apart by their keys."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read config: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: config.json is not a JSON object")
+        raw = read_config_json(path)
         try:
             if "num_local_experts" in raw or raw.get("model_type") == "gpt_oss":
                 return cls.from_hf_config(raw, name=path.parent.name)
@@ -316,6 +311,17 @@ def sliding_pattern(num_layers: int, local_per_global: int) -> tuple[str, ...]:
     transformers), 0 full attention everywhere.
     """
     return tuple(FULL if (i + 1) % (local_per_global + 1) == 0 else SLIDING for i in range(num_layers))
+
+
+def read_config_json(path: Path) -> dict:
+    """A config.json as a dict, or a one-line ConfigError naming the file."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: config.json is not a JSON object")
+    return raw
 
 
 def alternating_layer_types(num_layers: int) -> tuple[str, ...]:

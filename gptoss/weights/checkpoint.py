@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from gptoss.errors import GptossError
-from gptoss.model.config import ConfigError, ModelConfig
+from gptoss.model.config import ConfigError, ModelConfig, read_config_json
 from gptoss.model.transformer import Transformer
 from gptoss.weights import mxfp4
 from gptoss.weights.layout import (HF, ORIGINAL, ORIGINAL_BLOCK_NAMES, ORIGINAL_FUSED_QKV, ORIGINAL_GLOBAL_NAMES,
@@ -110,7 +110,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     else:
         raise CheckpointError(f"{directory}: tensors are in no known layout (neither model.embed_tokens.weight "
                               f"nor embedding.weight found)")
-    quantization = json.loads((directory / "config.json").read_text()).get("quantization_config")
+    quantization = read_config_json(directory / "config.json").get("quantization_config")
     quantization = quantization if isinstance(quantization, dict) else {}
     if quantization.get("quant_method") == "mxfp4" and not quantization.get("dequantize") and not quantized:
         raise CheckpointError(f"{directory / 'config.json'}: quantization_config says the experts are MXFP4, "
