@@ -8,8 +8,7 @@ from pathlib import Path
 
 from gptoss.analysis.architectures import BUILTIN, resolve
 from gptoss.analysis.compare import plot, render, report
-from gptoss.cli.options import parse_ints
-from gptoss.errors import GptossError
+from gptoss.cli.options import parse_ints, parse_list
 
 DEFAULT_CONTEXTS = "4096,32768,131072"
 
@@ -32,7 +31,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    archs = [resolve(spec) for spec in _split(args.models, "--models")]
+    archs = [resolve(spec) for spec in parse_list(args.models, "--models")]
     contexts = parse_ints(args.context, "--context")
     rep = report(archs, contexts)
     sys.stdout.write(json.dumps(rep, indent=2) + "\n" if args.json else render(rep))
@@ -40,10 +39,3 @@ def run(args) -> int:
         plot(archs, contexts, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
-
-
-def _split(value: str, option: str) -> list[str]:
-    items = [item.strip() for item in value.split(",") if item.strip()]
-    if not items:
-        raise GptossError(f"{option} needs at least one value")
-    return items

@@ -40,6 +40,14 @@ def load_from_args(args):
     return load_model(resolve_model(args.model), dtype=DTYPES[args.dtype], progress=sys.stderr.isatty())
 
 
+def parse_list(text: str, option: str) -> list[str]:
+    """A comma-separated option's items, blanks dropped; at least one."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise GptossError(f"{option} needs at least one value")
+    return items
+
+
 def parse_ints(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from gptoss.analysis import study
-from gptoss.analysis.study import Settings, StudyError
+from gptoss.cli.options import parse_list
+from gptoss.analysis.study import Settings
 
 DEFAULTS = Settings()
 
@@ -40,9 +41,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     settings = Settings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                         eval_every=args.eval_every, eval_windows=args.eval_windows, seed=args.seed)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()] if args.variants else None
-    if args.variants is not None and not names:
-        raise StudyError("--variants needs at least one name")
+    names = parse_list(args.variants, "--variants") if args.variants is not None else None
     variants = study.select(study.default_variants(), names)
     results = study.run(variants, study.load_text(args.text), settings, args.out,
                         log=lambda line: print(line, file=sys.stderr, flush=True),

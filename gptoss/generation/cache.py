@@ -47,8 +47,7 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, chunk: int = 
     per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes * batch  # K and V
     full = geo.num_full * geo.full_slots * per_slot
     sliding = geo.num_sliding * geo.sliding_slots * per_slot
-    return {"full_layers": full, "sliding_layers": sliding, "total": full + sliding,
-            "full_slots": geo.full_slots, "sliding_slots": geo.sliding_slots}
+    return {"full_layers": full, "sliding_layers": sliding, "total": full + sliding}
 
 
 class KVCache:
@@ -56,7 +55,7 @@ class KVCache:
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
         if context > cfg.max_context:
             raise ContextError(f"a cache of {context} tokens exceeds the model's context of {cfg.max_context}")
-        self.cfg, self.context, self.chunk = cfg, context, chunk
+        self.context, self.chunk = context, chunk
         geo = CacheGeometry.of(cfg, context, chunk)
         self.slots = [geo.sliding_slots if cfg.is_sliding(i) else geo.full_slots for i in range(cfg.num_layers)]
         shape = (batch, cfg.num_kv_heads, cfg.head_dim)

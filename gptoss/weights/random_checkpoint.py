@@ -52,11 +52,15 @@ def random_tensor(name: str, spec: TensorSpec, seed: int) -> torch.Tensor:
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
 
 
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+
+
 def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]):
     """Streams tensors to a safetensors file: (name, dtype, shape, make) with make() called one at a time."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape, _ in entries:
-        size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        size = _nbytes(dtype, shape)
         header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -105,22 +109,23 @@ def write_random_checkpoint(cfg: ModelConfig, out: str | Path, layout: str = HF,
     config = cfg.to_hf_config(quantized=True) if layout == HF else cfg.to_original_config()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    def nbytes(e):
-        return math.prod(e[2]) * torch.tensor([], dtype=e[1]).element_size()
-
     shards: list[list] = [[]]
+    sizes = [0]  # bytes of each shard
     for e in entries:
-        if layout == HF and shards[-1] and sum(map(nbytes, shards[-1])) + nbytes(e) > shard_bytes:
+        size = _nbytes(e[1], e[2])
+        if layout == HF and shards[-1] and sizes[-1] + size > shard_bytes:
             shards.append([])
+            sizes.append(0)
         shards[-1].append(e)
+        sizes[-1] += size
     if len(shards) == 1:
         names = ["model.safetensors"]
     else:
         names = [f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors" for i in range(len(shards))]
     total = 0
-    for name, shard in zip(names, shards):
+    for name, shard, size in zip(names, shards, sizes):
         if progress:
-            progress(f"writing {out / name} ({sum(map(nbytes, shard)) / 2**30:.2f} GiB)")
+            progress(f"writing {out / name} ({size / 2**30:.2f} GiB)")
         total += write_safetensors(out / name, shard)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total},
