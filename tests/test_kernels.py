@@ -1,4 +1,4 @@
-"""The fused MXFP4 CPU kernel equals the reference path, on every branch it has."""
+"""The CPU kernels equal the reference path, on every branch they have."""
 
 import pytest
 import torch
@@ -13,31 +13,81 @@ kernels = cpu_kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="the C++ kernels could not be compiled here")
 
 
-def random_problem(E=5, R=40, K=96, counts=(3, 0, 9, 1, 6), seed=0):
+def random_problem(E=5, R=40, K=96, counts=(3, 0, 9, 1, 6), seed=0, scale_range=(112, 132)):
     g = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, 256, (E, R, K // 32, 16), dtype=torch.uint8, generator=g)
-    scales = torch.randint(112, 132, (E, R, K // 32), dtype=torch.uint8, generator=g)
+    scales = torch.randint(*scale_range, (E, R, K // 32), dtype=torch.uint8, generator=g)
     bias = torch.randn(E, R, generator=g)
     counts = torch.tensor(counts)
     x = torch.randn(int(counts.sum()), K, generator=g)
     return blocks, scales, bias, counts, x
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("counts", [(3, 0, 9, 1, 6), (1, 0, 0, 1, 0), (0, 0, 17, 0, 0)])
-def test_moe_matmul_equals_dequantized_matmul(dtype, counts):
-    """Token counts cover full tiles, remainders of 1-3 slots, single-slot GEMV and empty experts;
-    R = 40 leaves a short tile of rows."""
-    blocks, scales, bias, counts, x = random_problem(counts=counts)
-    offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+def q8(x: torch.Tensor) -> torch.Tensor:
+    """What the VNNI kernel multiplies for bf16 activations: each group of 8 values rounded to int8 steps
+    of absmax / 127 (q = round(x * (127 / absmax)), ties to even, as the kernel computes it)."""
+    blocks = x.float().view(*x.shape[:-1], -1, 8)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    q = torch.round(blocks * (torch.tensor(127.0) / amax)).nan_to_num(0.0)
+    return (q * (amax / 127)).view(x.shape)
+
+
+def expected_moe_matmul(x, blocks, scales, bias, counts):
     expert_of_slot = torch.repeat_interleave(torch.arange(len(counts)), counts)
     weights = mxfp4.dequantize(blocks, scales, torch.float32)[expert_of_slot]           # [S, R, K]
-    x = x.to(dtype)
-    expected = torch.einsum("sk,srk->sr", x.float(), weights) + bias[expert_of_slot]
-    got = kernels.moe_matmul(x, blocks, scales, bias, offsets)
-    assert got.dtype == torch.float32 and got.shape == expected.shape
-    # Only the order of fp32 additions differs from the einsum.
-    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+    return torch.einsum("sk,srk->sr", x, weights) + bias[expert_of_slot]
+
+
+@pytest.mark.parametrize("K", [96, 160, 256])
+@pytest.mark.parametrize("counts", [(3, 0, 9, 1, 6), (1, 0, 0, 1, 0), (0, 0, 17, 0, 0)])
+def test_moe_matmul_equals_dequantized_matmul(counts, K):
+    """Token counts cover full tiles, remainders of 1-3 slots, single-slot GEMV and empty experts;
+    K = 96, 160, 256 are 3, 5, 8 blocks: a lone partial 64-byte step, full steps plus a partial one,
+    full steps only. fp32 activations take the exact path; bf16 ones the VNNI path (where the CPU has
+    it), which multiplies int8-rounded activations, so it must equal the same sum over q8(x)."""
+    blocks, scales, bias, counts, x = random_problem(counts=counts, K=K)
+    offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+    for got, expected in [
+        (kernels.moe_matmul(x, blocks, scales, bias, offsets), expected_moe_matmul(x, blocks, scales, bias, counts)),
+        (kernels.moe_matmul(x.bfloat16(), blocks, scales, bias, offsets),
+         expected_moe_matmul(q8(x.bfloat16()) if kernels.has_vnni() else x.bfloat16().float(), blocks, scales, bias, counts)),
+    ]:
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        # Only the order of fp32 additions differs from the einsum.
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("scale,x_scale", [(1, 2.0**120), (252, 2.0**-120)])
+def test_moe_matmul_extreme_scales(scale, x_scale):
+    """E8M0 scales 1 and 252 (2^-126, and 2^125, the largest at which 6 x scale is a finite fp32), with
+    activations that keep the products normal floats:
+    the weight scale is still applied exactly on both paths."""
+    blocks, scales, bias, counts, x = random_problem(E=2, R=8, K=160, counts=(2, 1))
+    scales.fill_(scale)
+    x *= x_scale
+    bias.zero_()
+    offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+    for xs, ref in [(x, x), (x.bfloat16(), q8(x.bfloat16()) if kernels.has_vnni() else x.bfloat16().float())]:
+        got = kernels.moe_matmul(xs, blocks, scales, bias, offsets)
+        expected = expected_moe_matmul(ref, blocks, scales, bias, counts)
+        assert 1e-3 < expected.abs().max() < 1e6
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("N,K", [(37, 2880), (8, 100), (5, 31)])
+def test_linear_bf16_is_correctly_rounded(M, N, K):
+    """The GEMV kernel (M <= 4 rows) accumulates in fp32 and rounds once, as F.linear does: every output
+    is the bf16 rounding of the fp32 sum up to fp32 summation order, so within one bf16 step."""
+    g = torch.Generator().manual_seed(M * 1000 + N)
+    x, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((M, K), (N, K), (N,)))
+    for bias in (b, None):
+        truth = x.double() @ w.double().T + (0 if bias is None else bias.double())
+        got = kernels.linear_bf16(x, w, bias)
+        assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+        ulp = torch.finfo(torch.bfloat16).eps * truth.abs().clamp(min=1e-3)
+        assert ((got.double() - truth).abs() <= ulp).all()
+        assert (got == truth.bfloat16()).float().mean() > 0.95
 
 
 def make_experts(dtype, seed=0):
@@ -64,15 +114,23 @@ def test_fused_experts_equal_reference_fp32():
     assert torch.allclose(fused_experts(experts, x, ids, w), experts(x, ids, w), atol=1e-5)
 
 
-def test_fused_experts_bf16_no_worse_than_reference_bf16():
-    """In bf16 the kernel accumulates in fp32 and applies SwiGLU in fp32; the reference rounds to bf16
-    in between. Both are judged against an fp32 computation on the same bf16 inputs."""
-    experts, x, ids, w = make_experts(torch.bfloat16)
-    truth = experts.float()(x.float(), ids, w)
-    experts.bfloat16()
-    fused = fused_experts(experts, x, ids, w).float()
-    reference = experts(x, ids, w).float()
-    assert (fused - truth).abs().max() <= (reference - truth).abs().max()
+def test_fused_experts_bf16_error_against_reference_bf16():
+    """In bf16 the kernel multiplies int8-rounded activations (one scale per 8 values; llama.cpp's route
+    with finer scales), accumulates in fp32 and applies SwiGLU in fp32; the reference rounds to bf16 in
+    between. Both are judged against an fp32 computation on the same bf16 inputs, by RMS error over
+    several draws (a single maximum swings 0.5x-3x from draw to draw): int8 steps of absmax / 127 over 8
+    values cost about 1.4x the RMS error of bf16 rounding here (1.1x-1.7x per draw), and must stay
+    under 2x."""
+    fused_err, reference_err = 0.0, 0.0
+    for seed in range(6):
+        experts, x, ids, w = make_experts(torch.bfloat16, seed=seed)
+        truth = experts.float()(x.float(), ids, w)
+        experts.bfloat16()
+        fused_err += (fused_experts(experts, x, ids, w).float() - truth).pow(2).sum().item()
+        reference_err += (experts(x, ids, w).float() - truth).pow(2).sum().item()
+    ratio = (fused_err / reference_err) ** 0.5
+    print(f"RMS error vs fp32: fused / reference bf16 = {ratio:.2f}")
+    assert ratio < 2
 
 
 def test_dequantize_bf16_is_exact():
@@ -82,7 +140,8 @@ def test_dequantize_bf16_is_exact():
 
 def test_many_slots_take_the_gemm_branch_and_agree():
     """With 40 tokens on 6 experts top-3, most experts get >= GEMM_MIN_SLOTS slots (dequantize + bf16
-    GEMM), some fewer (the fused kernel); the mix must still be no worse than the reference."""
+    GEMM), some fewer (the fused kernel); the GEMM experts are exact bf16 products, so the mix must stay
+    within the fused kernel's own bound (test above) of the reference's error."""
     from gptoss.kernels.moe import GEMM_MIN_SLOTS
 
     experts, _, _, _ = make_experts(torch.bfloat16)
@@ -98,11 +157,4 @@ def test_many_slots_take_the_gemm_branch_and_agree():
     experts.bfloat16()
     fused = fused_experts(experts, x, ids, w).float()
     reference = experts(x, ids, w).float()
-    assert (fused - truth).abs().max() <= 1.01 * (reference - truth).abs().max()
-
-
-def test_out_of_range_scales_keep_the_reference_path():
-    experts, *_ = make_experts(torch.bfloat16)
-    experts.down_proj_scales[0, 0, 0] = 255
-    with pytest.warns(UserWarning, match="scales outside"):
-        assert not kernel_applies(experts)
+    assert (fused - truth).norm() < 2 * (reference - truth).norm()

@@ -9,16 +9,26 @@
 // once per group of up to TOKENS slots, so decode (one slot per expert) is a GEMV that streams the
 // weights once and prefill amortises the decoding over the tokens routed to each expert.
 //
-// Two inner loops: AVX-512 BF16 (vpermw turns nibbles into bf16 weights already scaled by the block's
-// power of two, vdpbf16ps multiplies them with bf16 activations, fp32 accumulation), and a portable
-// fp32 loop for fp32 activations and for CPUs without AVX-512 BF16.
+// Two inner loops: AVX-512 VNNI for bf16 activations (llama.cpp's route: activations quantized to
+// int8 per block of 32, weights decoded to int8 by a byte shuffle, vpdpbusd), and a portable fp32
+// loop, exact, for fp32 activations and for CPUs without AVX-512 VNNI.
+//
+// Also here: `linear_bf16`, a bf16 GEMV for a few rows of activations against [out, in] weights
+// (attention projections and unembedding at decode), streaming each weight row once with vdpbf16ps;
+// and `dequantize_bf16` for the prefill branch that hands many tokens to a bf16 GEMM.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define GPTOSS_AVX512_VNNI 1
+#endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define GPTOSS_AVX512_BF16 1
@@ -29,6 +39,7 @@ namespace {
 constexpr int BLOCK = 32;       // values per MXFP4 block
 constexpr int TOKENS = 4;       // slots sharing one decoded weight block (register blocking)
 constexpr int ROWS_PER_TASK = 16;
+constexpr int ROWS = 4;         // weight rows per register tile
 
 const float FP4_VALUES[16] = {+0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +4.0f, +6.0f,
                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
@@ -37,7 +48,7 @@ struct Problem {
   int64_t K, R, groups;           // input size, output rows, blocks per row
   const uint8_t* blocks;          // [E, R, groups, 16]
   const uint8_t* scales;          // [E, R, groups]
-  const int64_t* offsets;         // [E + 1]
+  const int64_t* offsets;         // [E + 1]: slots offsets[e] .. offsets[e+1] - 1 belong to expert e
 };
 
 // ---- portable fp32 path ------------------------------------------------------------------------
@@ -70,78 +81,116 @@ void rows_f32(const Problem& p, int64_t e, int64_t r0, int64_t r1, const float* 
   }
 }
 
-// ---- AVX-512 BF16 path -------------------------------------------------------------------------
+// ---- AVX-512 VNNI path -------------------------------------------------------------------------
+//
+// llama.cpp's route: activations are quantized to int8 (one fp32 scale per 8 values; llama.cpp's Q8_0
+// has one per 32),
+// weights are decoded from nibbles to int8 by a 16-entry byte shuffle, and vpdpbusd multiplies 64
+// byte pairs per instruction. 64 bytes of packed weights (4 blocks, 128 values) per step:
+//   lo = nibbles of even elements, hi = odd ones; each 128-bit lane holds one block.
+// vpdpbusd needs one unsigned operand, so the table holds 2 * FP4 + 12 (0..24): the "+12" adds
+// 12 * sum(q) per lane, which the activation side precomputes and starts the accumulator from.
+// Each int32 lane then sums the 8 products of 8 consecutive values of one block: converted to fp32 and
+// multiplied by the weight scale (an E8M0 byte shifted into a float's exponent) times the activations'
+// scale / 2.
 
-#ifdef GPTOSS_AVX512_BF16
-// The 16 FP4 values as bf16 bit patterns, in the low 16 lanes of a 32-lane word table for vpermw.
-inline __m512i fp4_bf16_table() {
-  alignas(64) uint16_t table[32];
-  for (int i = 0; i < 32; ++i) {
-    float v = FP4_VALUES[i & 15];
-    uint32_t bits;
-    std::memcpy(&bits, &v, 4);
-    table[i] = uint16_t(bits >> 16);  // exact: FP4 values need 2 mantissa bits
-  }
-  return _mm512_load_si512(table);
-}
+#ifdef GPTOSS_AVX512_VNNI
+constexpr int QUAD = 4 * BLOCK;  // values per 64-byte step
 
-// 16 packed bytes -> 32 bf16 weights in element order (2j: low nibble, 2j+1: high nibble), times 2^(scale-127).
-inline __m512bh decode_block_bf16(const uint8_t* b, uint8_t scale, __m512i table) {
-  __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-  __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0xF));
-  __m512i hi = _mm512_slli_epi32(_mm512_srli_epi32(bytes, 4), 16);
-  __m512i w = _mm512_permutexvar_epi16(_mm512_or_si512(lo, hi), table);
-  // Scaling by a power of two adds to the bf16 exponent field (bits 7..14); zeros stay zero.
-  __m512i exp = _mm512_set1_epi16(int16_t((int(scale) - 127) << 7));
-  __mmask32 nonzero = _mm512_test_epi16_mask(w, _mm512_set1_epi16(0x7FFF));
-  w = _mm512_mask_add_epi16(w, nonzero, w, exp);
-  return (__m512bh)w;
-}
+// One slot's activations, quantized and laid out for the weight steps: per step q_even and q_odd
+// (64 int8 each: 16 per block), the accumulator start (16 int32) and the per-lane scale (16 fp32).
+struct QuantizedRow {
+  std::vector<int8_t> even, odd;
+  std::vector<int32_t> start;
+  std::vector<float> scale;
+};
 
-// Tiles of ROWS weight rows x NT slots: ROWS * NT independent accumulators hide the latency of
-// vdpbf16ps, and each decoded block serves NT slots. NT is a template parameter so that the
-// accumulators stay in registers.
-constexpr int ROWS = 4;
-
-template <int NT>
-void tile_bf16(const Problem& p, int64_t e, int64_t r, int nr, int64_t t0, const at::BFloat16* x, float* y,
-               __m512i table) {
-  const uint8_t* blocks[ROWS];
-  const uint8_t* scales[ROWS];
-  for (int i = 0; i < ROWS; ++i) {
-    const int64_t row = e * p.R + r + std::min(i, nr - 1);  // short tiles repeat their last row
-    blocks[i] = p.blocks + row * p.groups * 16;
-    scales[i] = p.scales + row * p.groups;
-  }
-  const at::BFloat16* xs[NT];
-  for (int t = 0; t < NT; ++t) xs[t] = x + (t0 + t) * p.K;
-  __m512 acc[ROWS][NT];
-  for (int i = 0; i < ROWS; ++i)
-    for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < p.groups; ++g) {
-    __m512bh w[ROWS];
-    for (int i = 0; i < ROWS; ++i) w[i] = decode_block_bf16(blocks[i] + g * 16, scales[i][g], table);
-    for (int t = 0; t < NT; ++t) {
-      const __m512bh v = (__m512bh)_mm512_loadu_si512(xs[t] + g * BLOCK);
-      for (int i = 0; i < ROWS; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], w[i], v);
+void quantize_activations(const float* x, int64_t groups, QuantizedRow& q) {
+  const int64_t steps = (groups + 3) / 4;
+  q.even.assign(steps * 64, 0);
+  q.odd.assign(steps * 64, 0);
+  q.start.assign(steps * 16, 0);
+  q.scale.assign(steps * 16, 0.0f);
+  // int32 lane l of a step sums the products of 8 consecutive values (4 even, 4 odd) of one block:
+  // each such group of 8 gets its own scale, as fine as the lane layout allows at no cost.
+  for (int64_t group = 0; group < groups * 4; ++group) {
+    const __m256 v = _mm256_loadu_ps(x + group * 8);
+    __m256 m = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);             // |v|, then the max of the 8
+    m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
+    const float amax = _mm256_cvtss_f32(m);
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    alignas(32) int32_t qi[8];                                           // round to nearest, ties to even
+    _mm256_store_si256(reinterpret_cast<__m256i*>(qi), _mm256_cvtps_epi32(_mm256_mul_ps(v, _mm256_set1_ps(inv))));
+    const int64_t step = group / 16, lane = group % 16, at = step * 64 + (lane / 4) * 16 + (lane % 4) * 4;
+    int32_t sum = 0;
+    for (int j = 0; j < 4; ++j) {
+      q.even[at + j] = int8_t(qi[2 * j]);
+      q.odd[at + j] = int8_t(qi[2 * j + 1]);
+      sum += qi[2 * j] + qi[2 * j + 1];
     }
+    q.start[step * 16 + lane] = -12 * sum;
+    q.scale[step * 16 + lane] = 0.5f * amax / 127.0f;
   }
-  for (int i = 0; i < nr; ++i)
-    for (int t = 0; t < NT; ++t) y[(t0 + t) * p.R + r + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
-void rows_bf16(const Problem& p, int64_t e, int64_t r0, int64_t r1, const at::BFloat16* x, float* y) {
-  const __m512i table = fp4_bf16_table();
+// One weight row against NT slots; NT is a template parameter so that the accumulators stay in
+// registers. The row is decoded once and serves all NT slots.
+template <int NT>
+void row_vnni(const Problem& p, int64_t row, const QuantizedRow* const* xq, float* const* y, int64_t r) {
+  const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  // Byte i of the 4 scale bytes into bits 16..23 of every int32 of lane i; << 7 then puts it at 23..30.
+  const __m512i spread = _mm512_set_epi8(
+      -1, 3, -1, -1, -1, 3, -1, -1, -1, 3, -1, -1, -1, 3, -1, -1, -1, 2, -1, -1, -1, 2, -1, -1, -1, 2, -1, -1,
+      -1, 2, -1, -1, -1, 1, -1, -1, -1, 1, -1, -1, -1, 1, -1, -1, -1, 1, -1, -1, -1, 0, -1, -1, -1, 0, -1, -1,
+      -1, 0, -1, -1, -1, 0, -1, -1);
+  const uint8_t* blocks = p.blocks + row * p.groups * 16;
+  const uint8_t* scales = p.scales + row * p.groups;
+  const int8_t* even[NT];
+  const int8_t* odd[NT];
+  const int32_t* start[NT];
+  const float* xscale[NT];
+  for (int t = 0; t < NT; ++t)
+    even[t] = xq[t]->even.data(), odd[t] = xq[t]->odd.data(), start[t] = xq[t]->start.data(), xscale[t] = xq[t]->scale.data();
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  auto step = [&](int64_t st, __m512i w, __m128i s4) {
+    const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(w, nibble));
+    const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble));
+    const __m512 wscale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_shuffle_epi8(_mm512_broadcastd_epi32(s4), spread), 7));
+    for (int t = 0; t < NT; ++t) {
+      __m512i dot = _mm512_loadu_si512(start[t] + st * 16);
+      dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(even[t] + st * 64));
+      dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(odd[t] + st * 64));
+      const __m512 scale = _mm512_mul_ps(wscale, _mm512_loadu_ps(xscale[t] + st * 16));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+    }
+  };
+  const int64_t full = p.groups / 4, tail = p.groups % 4;
+  for (int64_t st = 0; st < full; ++st)
+    step(st, _mm512_loadu_si512(blocks + st * 64), _mm_loadu_si32(scales + st * 4));
+  if (tail)  // the row's last, partial step: missing blocks read as zero weights (and zero activations)
+    step(full, _mm512_maskz_loadu_epi8((__mmask64(1) << (16 * tail)) - 1, blocks + full * 64),
+         _mm_maskz_loadu_epi8((__mmask16(1) << tail) - 1, scales + full * 4));
+  for (int t = 0; t < NT; ++t) y[t][r] = _mm512_reduce_add_ps(acc[t]);
+}
+
+void rows_vnni(const Problem& p, int64_t e, int64_t r0, int64_t r1, const std::vector<QuantizedRow>& xq, float* y) {
   const int64_t s0 = p.offsets[e], s1 = p.offsets[e + 1];
   for (int64_t t0 = s0; t0 < s1; t0 += TOKENS) {
     const int nt = int(std::min<int64_t>(TOKENS, s1 - t0));
-    for (int64_t r = r0; r < r1; r += ROWS) {
-      const int nr = int(std::min<int64_t>(ROWS, r1 - r));
+    const QuantizedRow* q[TOKENS];
+    float* out[TOKENS];
+    for (int t = 0; t < nt; ++t) q[t] = &xq[t0 + t], out[t] = y + (t0 + t) * p.R;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t row = e * p.R + r;
       switch (nt) {
-        case 1: tile_bf16<1>(p, e, r, nr, t0, x, y, table); break;
-        case 2: tile_bf16<2>(p, e, r, nr, t0, x, y, table); break;
-        case 3: tile_bf16<3>(p, e, r, nr, t0, x, y, table); break;
-        default: tile_bf16<4>(p, e, r, nr, t0, x, y, table); break;
+        case 1: row_vnni<1>(p, row, q, out, r); break;
+        case 2: row_vnni<2>(p, row, q, out, r); break;
+        case 3: row_vnni<3>(p, row, q, out, r); break;
+        default: row_vnni<4>(p, row, q, out, r); break;
       }
     }
   }
@@ -150,61 +199,11 @@ void rows_bf16(const Problem& p, int64_t e, int64_t r0, int64_t r1, const at::BF
 
 }  // namespace
 
-// x [S, K] (bf16 or fp32, slots sorted by expert), offsets [E + 1] -> y [S, R] fp32 (bias added).
-torch::Tensor moe_matmul(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
-                         torch::Tensor offsets) {
-  TORCH_CHECK(blocks.dtype() == torch::kUInt8 && scales.dtype() == torch::kUInt8, "MXFP4 blocks/scales must be uint8");
-  TORCH_CHECK(blocks.dim() == 4 && blocks.size(3) == 16, "blocks must be [E, R, K/32, 16]");
-  TORCH_CHECK(x.is_cpu() && blocks.is_cpu() && scales.is_cpu() && bias.is_cpu(), "CPU tensors only");
-  TORCH_CHECK(scales.sizes() == blocks.sizes().slice(0, 3), "scales must be [E, R, K/32]");
-  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == blocks.size(0) && bias.size(1) == blocks.size(1), "bias must be [E, R]");
-  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.numel() == blocks.size(0) + 1, "offsets must be int64 [E + 1]");
-  x = x.contiguous();
-  blocks = blocks.contiguous();
-  scales = scales.contiguous();
-  offsets = offsets.contiguous();
-  const int64_t E = blocks.size(0), R = blocks.size(1), groups = blocks.size(2), K = groups * BLOCK;
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [S, ", K, "]");
-  const int64_t S = x.size(0);
-  TORCH_CHECK(offsets[E].item<int64_t>() == S, "offsets must end at the number of rows of x");
-  auto y = torch::empty({S, R}, x.options().dtype(torch::kFloat32));
-  Problem p{K, R, groups, blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>()};
-
-  // Tasks: (expert, tile of ROWS_PER_TASK rows) for every expert with slots.
-  std::vector<std::pair<int64_t, int64_t>> tasks;
-  for (int64_t e = 0; e < E; ++e)
-    if (p.offsets[e + 1] > p.offsets[e])
-      for (int64_t r = 0; r < R; r += ROWS_PER_TASK) tasks.emplace_back(e, r);
-
-  const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(bf16 || x.scalar_type() == torch::kFloat32, "x must be bf16 or fp32");
-#ifndef GPTOSS_AVX512_BF16
-  torch::Tensor x32 = bf16 ? x.to(torch::kFloat32) : x;
-#endif
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const auto [e, r0] = tasks[i];
-      const int64_t r1 = std::min(R, r0 + ROWS_PER_TASK);
-#ifdef GPTOSS_AVX512_BF16
-      if (bf16) {
-        rows_bf16(p, e, r0, r1, x.data_ptr<at::BFloat16>(), out);
-        continue;
-      }
-      rows_f32(p, e, r0, r1, x.data_ptr<float>(), out);
-#else
-      rows_f32(p, e, r0, r1, x32.data_ptr<float>(), out);
-#endif
-    }
-  });
-  // Bias per slot: expand each expert's bias over its slots.
-  auto counts = offsets.slice(0, 1) - offsets.slice(0, 0, E);
-  y.add_(bias.to(torch::kFloat32).repeat_interleave(counts, 0, S));
-  return y;
-}
+// ---- dequantization to bf16 ---------------------------------------------------------------------
 
 // blocks [R, K/32, 16], scales [R, K/32] -> bf16 [R, K]: one expert's weight, for prefill, where many
 // tokens share each expert and a bf16 GEMM (AMX/AVX-512 in oneDNN) beats decoding per token group.
+// Exact: FP4 values times powers of two are bf16 numbers.
 torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
   TORCH_CHECK(blocks.dtype() == torch::kUInt8 && scales.dtype() == torch::kUInt8 && blocks.dim() == 3 &&
               blocks.size(2) == 16 && scales.sizes() == blocks.sizes().slice(0, 2) && blocks.is_cpu(),
@@ -218,9 +217,19 @@ torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
 #ifdef GPTOSS_AVX512_BF16
-    const __m512i table = fp4_bf16_table();
-    for (int64_t i = begin * groups; i < end * groups; ++i)
-      _mm512_storeu_si512(o + i * BLOCK, (__m512i)decode_block_bf16(b + i * 16, s[i], table));
+    const __m512 table = _mm512_loadu_ps(FP4_VALUES);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int64_t i = begin * groups; i < end * groups; ++i) {
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i * 16)));
+      const __m512 scale = _mm512_set1_ps(std::ldexp(1.0f, int(s[i]) - 127));
+      const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), scale);  // vpermps reads 4 index bits
+      const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
+      const __m256bh lo = _mm512_cvtneps_pbh(_mm512_permutex2var_ps(even, first, odd));
+      const __m256bh hi = _mm512_cvtneps_pbh(_mm512_permutex2var_ps(even, second, odd));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i * BLOCK), (__m256i)lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i * BLOCK + 16), (__m256i)hi);
+    }
 #else
     std::vector<float> row(groups * BLOCK);
     for (int64_t r = begin; r < end; ++r) {
@@ -232,7 +241,235 @@ torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
   return out;
 }
 
+// ---- grouped matmul over experts -----------------------------------------------------------------
+
+void check_mxfp4(const torch::Tensor& blocks, const torch::Tensor& scales, const torch::Tensor& bias) {
+  TORCH_CHECK(blocks.dtype() == torch::kUInt8 && scales.dtype() == torch::kUInt8, "MXFP4 blocks/scales must be uint8");
+  TORCH_CHECK(blocks.dim() == 4 && blocks.size(3) == 16, "blocks must be [E, R, K/32, 16]");
+  TORCH_CHECK(blocks.is_cpu() && scales.is_cpu() && bias.is_cpu(), "CPU tensors only");
+  TORCH_CHECK(scales.sizes() == blocks.sizes().slice(0, 3), "scales must be [E, R, K/32]");
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == blocks.size(0) && bias.size(1) == blocks.size(1), "bias must be [E, R]");
+}
+
+// x32 [S, K] fp32, slots sorted by expert (offsets [E + 1]) -> y [S, R] fp32, bias added.
+// fast = false: the exact fp32 path for every expert. fast = true (bf16 models): experts with at least
+// gemm_min_slots slots dequantize their weight to bf16 for one GEMM (prefill: decoding the weight once
+// costs about what the fused kernel spends on ~10 slots, and torch's GEMM is far faster per token),
+// the others take the VNNI path where the CPU has it.
+torch::Tensor grouped_matmul(const torch::Tensor& x32, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
+                             const std::vector<int64_t>& offsets, bool fast, int64_t gemm_min_slots) {
+  blocks = blocks.contiguous();
+  scales = scales.contiguous();
+  const int64_t E = blocks.size(0), R = blocks.size(1), groups = blocks.size(2), K = groups * BLOCK, S = x32.size(0);
+  TORCH_CHECK(x32.dim() == 2 && x32.size(1) == K, "x must be [S, ", K, "]");
+  TORCH_CHECK(int64_t(offsets.size()) == E + 1 && offsets[E] == S, "offsets must be [E + 1] and end at S");
+  auto y = torch::empty({S, R}, x32.options());
+  float* out = y.data_ptr<float>();
+  const float* x = x32.data_ptr<float>();
+  Problem p{K, R, groups, blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), offsets.data()};
+
+  // Tasks: (expert, tile of ROWS_PER_TASK rows) for every expert with slots that the GEMM does not take.
+  std::vector<std::pair<int64_t, int64_t>> tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = offsets[e + 1] - offsets[e];
+    if (fast && n >= gemm_min_slots) {
+      const torch::Tensor w = dequantize_bf16(blocks[e], scales[e]);
+      y.slice(0, offsets[e], offsets[e + 1]).copy_(at::linear(x32.slice(0, offsets[e], offsets[e + 1]).to(torch::kBFloat16), w));
+    } else if (n > 0) {
+      for (int64_t r = 0; r < R; r += ROWS_PER_TASK) tasks.emplace_back(e, r);
+    }
+  }
+  bool done = false;
+#ifdef GPTOSS_AVX512_VNNI
+  if (fast) {
+    done = true;
+    std::vector<QuantizedRow> xq(S);
+    at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) quantize_activations(x + s * K, groups, xq[s]);
+    });
+    at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        rows_vnni(p, tasks[i].first, tasks[i].second, std::min(R, tasks[i].second + ROWS_PER_TASK), xq, out);
+    });
+  }
+#endif
+  if (!done) {
+    at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        rows_f32(p, tasks[i].first, tasks[i].second, std::min(R, tasks[i].second + ROWS_PER_TASK), x, out);
+    });
+  }
+  // Each slot's expert bias, read in its own dtype (converting all E experts' biases would cost more).
+  bias = bias.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bias.scalar_type(), "grouped_matmul_bias", [&] {
+    const scalar_t* bp = bias.data_ptr<scalar_t>();
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t s = offsets[e]; s < offsets[e + 1]; ++s)
+        for (int64_t r = 0; r < R; ++r) out[s * R + r] += float(bp[e * R + r]);
+  });
+  return y;
+}
+
+// One grouped matmul as the tests and benchmarks see it: x [S, K] bf16 (fast path) or fp32 (exact path),
+// slots sorted by expert, offsets [E + 1] int64 -> y [S, R] fp32 (bias added). No GEMM branch.
+torch::Tensor moe_matmul(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
+                         torch::Tensor offsets) {
+  check_mxfp4(blocks, scales, bias);
+  TORCH_CHECK(x.is_cpu() && (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32),
+              "x must be bf16 or fp32, on the CPU");
+  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.numel() == blocks.size(0) + 1, "offsets must be int64 [E + 1]");
+  offsets = offsets.contiguous();
+  std::vector<int64_t> off(offsets.data_ptr<int64_t>(), offsets.data_ptr<int64_t>() + offsets.numel());
+  return grouped_matmul(x.to(torch::kFloat32).contiguous(), blocks, scales, bias, off,
+                        x.scalar_type() == torch::kBFloat16, std::numeric_limits<int64_t>::max());
+}
+
+// The whole MoE expert step of GPT-OSS for N tokens routed to k experts each:
+//   out[t] = sum_j w[t, j] * down_e(swiglu(gate_up_e(x[t]))),  e = expert_ids[t, j]
+// with the clamped SwiGLU on interleaved columns (gate = h[2i], linear = h[2i + 1]). One call instead of
+// a dozen small torch ops per layer, which cost as much as the matmuls at decode.
+// x [N, H] bf16 or fp32; expert_ids [N, k] int64; expert_weights [N, k] fp32 -> [N, H] in x's dtype.
+torch::Tensor moe_experts(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor expert_weights,
+                          torch::Tensor gate_up_blocks, torch::Tensor gate_up_scales, torch::Tensor gate_up_bias,
+                          torch::Tensor down_blocks, torch::Tensor down_scales, torch::Tensor down_bias,
+                          double alpha, double limit, int64_t gemm_min_slots) {
+  check_mxfp4(gate_up_blocks, gate_up_scales, gate_up_bias);
+  check_mxfp4(down_blocks, down_scales, down_bias);
+  TORCH_CHECK(x.is_cpu() && x.dim() == 2 && (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32),
+              "x must be [N, H] bf16 or fp32, on the CPU");
+  TORCH_CHECK(expert_ids.dtype() == torch::kInt64 && expert_ids.dim() == 2 && expert_ids.size(0) == x.size(0) &&
+              expert_weights.sizes() == expert_ids.sizes(), "expert_ids int64 and expert_weights must be [N, k]");
+  const int64_t N = x.size(0), k = expert_ids.size(1), E = gate_up_blocks.size(0), S = N * k;
+  const int64_t I = gate_up_blocks.size(1) / 2, H = down_blocks.size(1);
+  TORCH_CHECK(down_blocks.size(2) * BLOCK == I && gate_up_blocks.size(2) * BLOCK == x.size(1) && x.size(1) == H,
+              "gate_up must be [E, 2I, H/32, 16] and down [E, H, I/32, 16] for x [N, H]");
+  expert_ids = expert_ids.contiguous();
+  const torch::Tensor w32 = expert_weights.to(torch::kFloat32).contiguous();
+  const int64_t* ids = expert_ids.data_ptr<int64_t>();
+
+  // Slots (t, j) sorted by expert, stably: a counting sort. sorted[i] = t * k + j; position[t * k + j] = i.
+  std::vector<int64_t> offsets(E + 1, 0), sorted(S), position(S);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(ids[s] >= 0 && ids[s] < E, "expert id ", ids[s], " out of range [0, ", E, ")");
+    ++offsets[ids[s] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+  for (int64_t s = 0; s < S; ++s) position[s] = next[ids[s]]++, sorted[position[s]] = s;
+
+  const torch::Tensor x32 = x.to(torch::kFloat32).contiguous();
+  auto xs = torch::empty({S, H}, x32.options());
+  const float* xp = x32.data_ptr<float>();
+  float* xsp = xs.data_ptr<float>();
+  for (int64_t i = 0; i < S; ++i) std::memcpy(xsp + i * H, xp + (sorted[i] / k) * H, H * sizeof(float));
+
+  const bool fast = x.scalar_type() == torch::kBFloat16;
+  const torch::Tensor h = grouped_matmul(xs, gate_up_blocks, gate_up_scales, gate_up_bias, offsets, fast, gemm_min_slots);
+  auto act = torch::empty({S, I}, x32.options());
+  const float* hp = h.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  const float a = float(alpha), lim = float(limit);
+  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * I; i < end * I; ++i) {
+      const float gate = std::min(hp[2 * i], lim), linear = std::clamp(hp[2 * i + 1], -lim, lim);
+      ap[i] = gate / (1.0f + std::exp(-a * gate)) * (linear + 1.0f);
+    }
+  });
+  const torch::Tensor y = grouped_matmul(act, down_blocks, down_scales, down_bias, offsets, fast, gemm_min_slots);
+
+  auto out = torch::empty({N, H}, x32.options());
+  const float* yp = y.data_ptr<float>();
+  const float* wp = w32.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* o = op + t * H;
+      std::fill(o, o + H, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
+        const float w = wp[t * k + j];
+        const float* yr = yp + position[t * k + j] * H;
+        for (int64_t c = 0; c < H; ++c) o[c] += w * yr[c];
+      }
+    }
+  });
+  return out.to(x.scalar_type());
+}
+
+// ---- bf16 GEMV ------------------------------------------------------------------------------------
+
+#ifdef GPTOSS_AVX512_BF16
+// ROWS weight rows x NT activation rows; 32 values of K per vdpbf16ps, the last step masked.
+template <int NT>
+void gemv_tile(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t N, int64_t r, int nr,
+               const at::BFloat16* bias, at::BFloat16* y) {
+  __m512 acc[ROWS][NT];
+  for (int i = 0; i < ROWS; ++i)
+    for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
+  const at::BFloat16* rows[ROWS];
+  for (int i = 0; i < ROWS; ++i) rows[i] = w + (r + std::min(i, nr - 1)) * K;  // short tiles repeat their last row
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+    __m512bh xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(m, x + t * K + k);
+    for (int i = 0; i < ROWS; ++i) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, rows[i] + k);
+      for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], wv, xv[t]);
+    }
+  }
+  for (int i = 0; i < nr; ++i)
+    for (int t = 0; t < NT; ++t)
+      y[t * N + r + i] = at::BFloat16(_mm512_reduce_add_ps(acc[i][t]) + (bias ? float(bias[r + i]) : 0.0f));
+}
+#endif
+
+// x [M, K] bf16 (M <= 4), weight [N, K] bf16, bias [N] bf16 or None -> [M, N] bf16, like F.linear:
+// fp32 accumulation, the bias added in fp32, one rounding. torch's GEMV streams bf16 weights at well
+// under the memory bandwidth on some CPUs; this reads each weight row once, for all M rows of x.
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.is_cpu() && weight.is_cpu() && x.scalar_type() == torch::kBFloat16 &&
+              weight.scalar_type() == torch::kBFloat16, "linear_bf16: bf16 CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(0) <= 4,
+              "linear_bf16: x [M <= 4, K] and weight [N, K]");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  torch::Tensor b = bias.has_value() ? bias->to(torch::kBFloat16).contiguous() : torch::Tensor();
+  TORCH_CHECK(!b.defined() || b.numel() == N, "linear_bf16: bias must be [N]");
+  auto y = torch::empty({M, N}, x.options());
+#ifdef GPTOSS_AVX512_BF16
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
+  const at::BFloat16* bp = b.defined() ? b.data_ptr<at::BFloat16>() : nullptr;
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, (N + ROWS - 1) / ROWS, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t r = tile * ROWS;
+      const int nr = int(std::min<int64_t>(ROWS, N - r));
+      switch (M) {
+        case 1: gemv_tile<1>(xp, wp, K, N, r, nr, bp, yp); break;
+        case 2: gemv_tile<2>(xp, wp, K, N, r, nr, bp, yp); break;
+        case 3: gemv_tile<3>(xp, wp, K, N, r, nr, bp, yp); break;
+        default: gemv_tile<4>(xp, wp, K, N, r, nr, bp, yp); break;
+      }
+    }
+  });
+#else
+  y.copy_(torch::nn::functional::linear(x.to(torch::kFloat32), weight.to(torch::kFloat32),
+                                        b.defined() ? b.to(torch::kFloat32) : torch::Tensor()));
+#endif
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_bf16", &dequantize_bf16, "one expert's MXFP4 weight as bf16 [R, K]");
   m.def("moe_matmul", &moe_matmul, "MXFP4 grouped matmul over experts (slots sorted by expert)");
+  m.def("moe_experts", &moe_experts, "GPT-OSS MoE experts: grouped MXFP4 matmuls, clamped SwiGLU, weighted sum");
+  m.def("linear_bf16", &linear_bf16, "bf16 GEMV for up to 4 rows of x");
+  m.def("has_vnni", [] {
+#ifdef GPTOSS_AVX512_VNNI
+    return true;
+#else
+    return false;
+#endif
+  }, "whether bf16 activations take the AVX-512 VNNI path (Q8 activations) rather than the exact fp32 one");
 }

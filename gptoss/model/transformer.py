@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptoss.kernels.moe import fused_experts, kernel_applies
+from gptoss.kernels import cpu_kernels
+from gptoss.kernels.moe import fused_experts, kernel_applies, linear
 from gptoss.model.attention import attend
 from gptoss.model.config import ModelConfig
 from gptoss.weights import mxfp4
@@ -34,6 +35,15 @@ class RMSNorm(nn.Module):
         t = x.float()
         t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
         return (t * self.weight).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that takes the bf16 GEMV kernel at decode once `use_kernel` is set (Transformer.use_kernels)."""
+
+    use_kernel = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias) if self.use_kernel else F.linear(x, self.weight, self.bias)
 
 
 class RotaryEmbedding(nn.Module):
@@ -86,10 +96,10 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.layer = layer
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
         if cfg.qk_norm:  # Qwen3: queries and keys normalised per head, so their dot products stay bounded
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -173,7 +183,7 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = cfg.experts_per_token
         self.softmax_first, self.normalize = cfg.router == "softmax_topk", cfg.normalize_topk
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
+        self.router = Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         self.experts = Experts(cfg, quantized_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,15 +221,19 @@ class Transformer(nn.Module):
             layers=nn.ModuleList(Block(cfg, i, quantized_experts) for i in range(cfg.num_layers)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # one [V, H] matrix both reads tokens in and scores them out
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg)
 
     def use_kernels(self, enabled: bool = True) -> "Transformer":
-        """Switches the experts to the fused MXFP4 CPU kernel where it applies (see gptoss.kernels)."""
+        """Switches the experts to the fused MXFP4 CPU kernel where it applies, and the linear layers to
+        the bf16 GEMV kernel (see gptoss.kernels)."""
         for block in self.model.layers:
             block.mlp.experts.use_kernel = enabled and kernel_applies(block.mlp.experts)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.use_kernel = enabled and cpu_kernels() is not None
         return self
 
     @property
