@@ -1,11 +1,13 @@
-"""Blocked attention (online softmax over key blocks) equals the direct formulation with the sink column."""
+"""Blocked attention (the explicit online softmax, and torch's flash kernel combined by log-sum-exp)
+equals the direct formulation with the sink column."""
 
 import math
 
 import pytest
 import torch
 
-from gptoss.model.attention import attend, visible_keys
+from gptoss.model import attention
+from gptoss.model.attention import attend_explicit, attend_flash, visible_keys
 
 
 def direct(q, k, v, q_pos, k_pos, window, sinks):
@@ -22,9 +24,13 @@ def direct(q, k, v, q_pos, k_pos, window, sinks):
     return probs @ vv
 
 
+WAYS = [attend_explicit] + ([attend_flash] if attention._flash is not None else [])
+
+
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("with_sinks", [True, False])
-def test_blocked_equals_direct(window, with_sinks):
+def test_blocked_equals_direct(window, with_sinks, way):
     g = torch.Generator().manual_seed(0)
     B, Hkv, G, T, S, D = 2, 2, 3, 6, 23, 8
     q = torch.randn(B, Hkv, G, T, D, generator=g)
@@ -35,6 +41,25 @@ def test_blocked_equals_direct(window, with_sinks):
     q_pos = torch.stack([torch.arange(S - T, S), torch.tensor([-1, 15, 16, 17, 18, 19])])  # a padding query
     expected = direct(q, k, v, q_pos, k_pos, window, sinks)
     for block in (4, 7, 1024):                                           # several blocks, uneven, one block
-        got = attend(q, k, v, q_pos, k_pos, window, sinks, key_block=block)
+        got = way(q, k, v, q_pos, k_pos, window, sinks, key_block=block)
         assert torch.allclose(got.double(), expected, atol=1e-6), block
     assert got[1, :, :, 0].abs().max() == 0                              # padding sees nothing: zeros
+
+
+@pytest.mark.skipif(attention._flash is None, reason="this torch has no CPU flash-attention kernel")
+def test_flash_in_bf16_no_worse_than_explicit_by_much():
+    """In bf16 the flash kernel rounds each block's output to bf16 before the blocks are combined: one
+    extra rounding over the explicit path's single one, so up to about twice its error, never more."""
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, G, T, S, D = 1, 2, 4, 64, 300, 64
+    q = torch.randn(B, Hkv, G, T, D, generator=g)
+    k, v = torch.randn(B, S, Hkv, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
+    sinks = torch.randn(Hkv * G, generator=g)
+    q_pos, k_pos = torch.arange(S - T, S)[None], torch.arange(S)[None]
+    for window in (None, 32):
+        truth = direct(q.bfloat16(), k.bfloat16(), v.bfloat16(), q_pos, k_pos, window, sinks.bfloat16())
+        args = (q.bfloat16(), k.bfloat16(), v.bfloat16(), q_pos, k_pos, window, sinks.bfloat16())
+        flash_err = (attend_flash(*args, key_block=128).double() - truth).abs().max()
+        explicit_err = (attend_explicit(*args, key_block=128).double() - truth).abs().max()
+        print(f"window {window}: max error flash {flash_err:.5f}, explicit {explicit_err:.5f}")
+        assert flash_err <= 2.5 * explicit_err

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptoss import load_model
-from gptoss.generation.cache import ContextError, KVCache, kv_cache_bytes
+from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache, kv_cache_bytes
 from gptoss.generation.generate import generate, stream
 from gptoss.generation.sampling import SamplingParams, sample
 from tests.conftest import random_hf_model, tiny_config
@@ -79,7 +79,7 @@ def test_sliding_cache_stays_at_window_size():
     for context in (4096, 32768, 131072):
         sizes = kv_cache_bytes(preset("gpt-oss-20b"), context)
         assert sizes["full_layers"] == 12 * context * per_token_layer
-        assert sizes["sliding_layers"] == 12 * (128 - 1 + 128) * per_token_layer
+        assert sizes["sliding_layers"] == 12 * (128 - 1 + PREFILL_CHUNK) * per_token_layer
 
 
 def test_greedy_generation_matches_transformers(tmp_path):

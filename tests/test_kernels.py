@@ -138,23 +138,46 @@ def test_dequantize_bf16_is_exact():
     assert torch.equal(kernels.dequantize_bf16(blocks[2], scales[2]), mxfp4.dequantize(blocks[2], scales[2]))
 
 
-def test_many_slots_take_the_gemm_branch_and_agree():
-    """With 40 tokens on 6 experts top-3, most experts get >= GEMM_MIN_SLOTS slots (dequantize + bf16
-    GEMM), some fewer (the fused kernel); the GEMM experts are exact bf16 products, so the mix must stay
-    within the fused kernel's own bound (test above) of the reference's error."""
-    from gptoss.kernels.moe import GEMM_MIN_SLOTS
+@pytest.mark.parametrize("branch", ["amx", "gemm"])
+def test_moe_matmul_many_slot_branches(branch):
+    """Experts with many slots: the AMX branch multiplies bf16 activations by the exact bf16 weights with
+    fp32 accumulation (so it equals that product up to summation order); the dequantize + torch GEMM
+    branch rounds its output to bf16 (so it equals it within one bf16 step). R = 40 leaves a short
+    tile of rows, 37 slots a short tile of slots, 5 slots an expert left to the VNNI loop."""
+    if branch == "amx" and not kernels.has_amx():
+        pytest.skip("no AMX on this machine")
+    blocks, scales, bias, counts, x = random_problem(counts=(5, 0, 37, 16, 0), K=96)
+    offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+    thresholds = (8, 2**62) if branch == "amx" else (2**62, 8)
+    got = kernels.moe_matmul(x.bfloat16(), blocks, scales, bias, offsets, *thresholds)
+    exact = expected_moe_matmul(x.bfloat16().float(), blocks, scales, bias, counts)
+    loop = expected_moe_matmul(q8(x.bfloat16()) if kernels.has_vnni() else x.bfloat16().float(), blocks, scales, bias, counts)
+    many = torch.repeat_interleave(counts >= 8, counts)
+    scale = exact.abs().max().item()
+    assert torch.allclose(got[~many], loop[~many], rtol=1e-5, atol=1e-5 * scale)
+    step = 2.0 ** -8 if branch == "gemm" else 1e-5
+    assert torch.allclose(got[many], exact[many], rtol=step, atol=1e-5 * scale)
+
+
+def test_prefill_sized_steps_agree_with_the_reference(monkeypatch):
+    """fused_experts with 40 tokens on 6 experts top-3 (most experts past the many-slot thresholds, one
+    below): the mix of branches stays within the fused kernel's bound of the reference's error."""
+    from gptoss.kernels import moe
 
     experts, _, _, _ = make_experts(torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(40, experts.down_proj_bias.shape[1], generator=g).bfloat16()
     top, ids = torch.randn(40, 6, generator=g).topk(3)
-    ids[:3] = torch.tensor([5, 4, 3])                                # expert 5 stays below the threshold
+    ids[:3] = torch.tensor([5, 4, 3])                                # expert 5 stays below the thresholds
     ids[3:, :] = torch.randint(0, 5, (37, 1), generator=g).add(torch.arange(3)) % 5
     w = top.softmax(-1)
     counts = torch.bincount(ids.flatten(), minlength=6)
-    assert (counts >= GEMM_MIN_SLOTS).any() and ((counts > 0) & (counts < GEMM_MIN_SLOTS)).any()
+    assert (counts >= 16).any() and ((counts > 0) & (counts < 8)).any()
     truth = experts.float()(x.float(), ids, w)
     experts.bfloat16()
-    fused = fused_experts(experts, x, ids, w).float()
     reference = experts(x, ids, w).float()
-    assert (fused - truth).norm() < 2 * (reference - truth).norm()
+    for amx, gemm in [(moe.AMX_MIN_SLOTS, 2**62), (2**62, 16)]:
+        monkeypatch.setattr(moe, "AMX_MIN_SLOTS", amx)
+        monkeypatch.setattr(moe, "GEMM_MIN_SLOTS", gemm)
+        fused = fused_experts(experts, x, ids, w).float()
+        assert (fused - truth).norm() < 2 * (reference - truth).norm()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gptoss.cli.options import DTYPES, add_model_options, parse_ints
 from gptoss.generation.benchmark import run_benchmark
+from gptoss.generation.cache import PREFILL_CHUNK
 from gptoss.weights.hub import resolve_model
 
 
@@ -15,7 +16,7 @@ def register(subparsers) -> None:
     add_model_options(p)
     p.add_argument("--prompt-lens", default="128,512", help="comma-separated prompt lengths for prefill")
     p.add_argument("--gen", type=int, default=32, help="tokens to decode after the last prompt")
-    p.add_argument("--chunk", type=int, default=128, help="prefill chunk size")
+    p.add_argument("--chunk", type=int, default=PREFILL_CHUNK, help="prefill chunk size")
     p.add_argument("--reference", action="store_true", help="pure-PyTorch reference path instead of the kernels")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

@@ -6,7 +6,7 @@ import sys
 import time
 
 from gptoss.cli.options import add_model_options, add_sampling_options, load_from_args, parse_ints, sampling_params
-from gptoss.generation.cache import kv_cache_bytes
+from gptoss.generation.cache import PREFILL_CHUNK, kv_cache_bytes
 from gptoss.generation.generate import stream_text
 from gptoss.model.config import PRESETS, preset
 
@@ -42,7 +42,7 @@ def register_kv_cache(subparsers) -> None:
     p.add_argument("--preset", default="gpt-oss-20b", choices=sorted(PRESETS))
     p.add_argument("--context", default="4096,32768,131072", help="comma-separated context lengths")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--chunk", type=int, default=128, help="prefill chunk: sliding layers keep window - 1 + chunk")
+    p.add_argument("--chunk", type=int, default=PREFILL_CHUNK, help="prefill chunk: sliding layers keep window - 1 + chunk")
     p.set_defaults(func=run_kv_cache)
 
 

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from gptoss.generation.cache import KVCache
+from gptoss.generation.cache import PREFILL_CHUNK, KVCache
 from gptoss.model.transformer import Transformer
 from gptoss.weights.checkpoint import load_model
 
@@ -47,7 +47,7 @@ def decode_seconds(model: Transformer, cache: KVCache, logits: torch.Tensor, ste
     return time.perf_counter() - start
 
 
-def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = None, chunk: int = 128,
+def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = None, chunk: int = PREFILL_CHUNK,
                   kernels: bool = True, dtype: torch.dtype | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)

@@ -21,6 +21,12 @@ from gptoss.errors import GptossError
 from gptoss.model.config import ModelConfig
 
 
+# Prompts are prefilled in chunks of this many tokens. A chunk decodes each MXFP4 expert weight it routes
+# to once for all its tokens, so bigger chunks amortise that decoding (llama.cpp's default micro-batch is
+# 512 as well); sliding layers keep window - 1 + chunk slots.
+PREFILL_CHUNK = 512
+
+
 class ContextError(GptossError):
     """More tokens than the model's context or the cache can hold."""
 
@@ -41,7 +47,8 @@ class CacheGeometry:
                    num_full=cfg.num_layers - num_sliding, num_sliding=num_sliding)
 
 
-def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, chunk: int = 128, dtype_bytes: int = 2) -> dict:
+def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, chunk: int = PREFILL_CHUNK,
+                   dtype_bytes: int = 2) -> dict:
     """The cache's K and V bytes for `batch` sequences of `context` tokens, per layer kind and in total."""
     geo = CacheGeometry.of(cfg, context, chunk)
     per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes * batch  # K and V
@@ -51,7 +58,7 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, chunk: int = 
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, batch: int, context: int, chunk: int = 128,
+    def __init__(self, cfg: ModelConfig, batch: int, context: int, chunk: int = PREFILL_CHUNK,
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
         if context > cfg.max_context:
             raise ContextError(f"a cache of {context} tokens exceeds the model's context of {cfg.max_context}")

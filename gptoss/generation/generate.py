@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from gptoss.generation.cache import ContextError, KVCache
+from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache
 from gptoss.generation.sampling import SamplingParams, sample
 from gptoss.model.transformer import Transformer
 
@@ -26,7 +26,7 @@ def _as_batch(prompt_ids) -> list[list[int]]:
 @torch.inference_mode()
 def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
-                 chunk: int = 128) -> Iterator[list[int | None]]:
+                 chunk: int = PREFILL_CHUNK) -> Iterator[list[int | None]]:
     """Yields, per step, one new token per prompt (None for prompts that already stopped).
 
     Prompts of different lengths are left-padded: padding gets position -1 and never enters attention,
@@ -66,7 +66,7 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
 
 
 def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
-           params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (), chunk: int = 128) -> Iterator[int]:
+           params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (), chunk: int = PREFILL_CHUNK) -> Iterator[int]:
     """Yields the new tokens of one prompt as they come, the stop token included."""
     for (token,) in stream_batch(model, [prompt_ids], max_new_tokens, params, stop_tokens, chunk):
         yield token
@@ -74,7 +74,7 @@ def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
 
 def stream_text(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
                 params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
-                chunk: int = 128) -> Iterator[tuple[int | None, str]]:
+                chunk: int = PREFILL_CHUNK) -> Iterator[tuple[int | None, str]]:
     """Yields (token, text) as tokens come: the text each token completes, decoded incrementally so a
     character split across tokens appears whole, with the token that finishes it. Special tokens carry
     no text. A character left incomplete when generation stops comes last, as (None, U+FFFD)."""
@@ -91,7 +91,7 @@ def stream_text(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: i
 
 def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-             seed: int | None = None, stop_tokens: Sequence[int] | None = None, chunk: int = 128):
+             seed: int | None = None, stop_tokens: Sequence[int] | None = None, chunk: int = PREFILL_CHUNK):
     """New token ids for one prompt (a list of ints) or for each of a batch of prompts (a list of lists).
 
     Stops at max_new_tokens or after a stop token (which is included); stop tokens default to the

@@ -24,11 +24,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return kernels.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-# Experts with at least this many slots in a step (bf16 models) take "dequantize to bf16, then a bf16
-# GEMM" instead of the fused kernel: decoding the weight once costs about what the fused kernel spends
-# on ~10 slots, and torch's GEMM (oneDNN, AMX where the CPU has it) is far faster per token. Prefill
-# chunks hit it; decode never.
-GEMM_MIN_SLOTS = 16
+# Where an expert's slots in a step (bf16 models) stop going through the VNNI loop, whose work grows with
+# the slots: from AMX_MIN_SLOTS the AMX path (where the CPU has AMX) decodes each weight once to bf16
+# tiles; without AMX, from GEMM_MIN_SLOTS the weight is dequantized to bf16 for one torch GEMM. Prefill
+# chunks hit them; decode (one slot per expert) never.
+AMX_MIN_SLOTS = 8
+GEMM_MIN_SLOTS = 32
 
 
 def fused_experts(experts, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
@@ -37,4 +38,4 @@ def fused_experts(experts, x: torch.Tensor, expert_ids: torch.Tensor, expert_wei
         x, expert_ids, expert_weights.float(),
         experts.gate_up_proj_blocks, experts.gate_up_proj_scales, experts.gate_up_proj_bias,
         experts.down_proj_blocks, experts.down_proj_scales, experts.down_proj_bias,
-        experts.alpha, experts.limit, GEMM_MIN_SLOTS)
+        experts.alpha, experts.limit, AMX_MIN_SLOTS, GEMM_MIN_SLOTS)

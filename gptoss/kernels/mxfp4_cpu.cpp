@@ -201,9 +201,25 @@ void rows_vnni(const Problem& p, int64_t e, int64_t r0, int64_t r1, const std::v
 
 // ---- dequantization to bf16 ---------------------------------------------------------------------
 
-// blocks [R, K/32, 16], scales [R, K/32] -> bf16 [R, K]: one expert's weight, for prefill, where many
-// tokens share each expert and a bf16 GEMM (AMX/AVX-512 in oneDNN) beats decoding per token group.
-// Exact: FP4 values times powers of two are bf16 numbers.
+#ifdef GPTOSS_AVX512_BF16
+// 16 packed bytes + their scale -> 32 bf16 weights in element order. Exact: FP4 values times powers of
+// two are bf16 numbers (vcvtneps2bf16 flushes results below 2^-126, which no real scale reaches).
+inline void decode_block_bf16(const uint8_t* b, uint8_t s, at::BFloat16* out) {
+  const __m512 table = _mm512_loadu_ps(FP4_VALUES);
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+  const __m512 scale = _mm512_castsi512_ps(_mm512_set1_epi32(s ? int32_t(s) << 23 : 0x00400000));  // 2^(s-127)
+  const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), scale);  // vpermps reads 4 index bits
+  const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
+  const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(even, second, odd),
+                                            _mm512_permutex2var_ps(even, first, odd));
+  _mm512_storeu_si512(out, (__m512i)both);
+}
+#endif
+
+// blocks [R, K/32, 16], scales [R, K/32] -> bf16 [R, K]: one expert's weight, for the prefill branch
+// that hands many tokens to torch's bf16 GEMM.
 torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
   TORCH_CHECK(blocks.dtype() == torch::kUInt8 && scales.dtype() == torch::kUInt8 && blocks.dim() == 3 &&
               blocks.size(2) == 16 && scales.sizes() == blocks.sizes().slice(0, 2) && blocks.is_cpu(),
@@ -217,19 +233,7 @@ torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
 #ifdef GPTOSS_AVX512_BF16
-    const __m512 table = _mm512_loadu_ps(FP4_VALUES);
-    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-    for (int64_t i = begin * groups; i < end * groups; ++i) {
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i * 16)));
-      const __m512 scale = _mm512_set1_ps(std::ldexp(1.0f, int(s[i]) - 127));
-      const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), scale);  // vpermps reads 4 index bits
-      const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
-      const __m256bh lo = _mm512_cvtneps_pbh(_mm512_permutex2var_ps(even, first, odd));
-      const __m256bh hi = _mm512_cvtneps_pbh(_mm512_permutex2var_ps(even, second, odd));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i * BLOCK), (__m256i)lo);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i * BLOCK + 16), (__m256i)hi);
-    }
+    for (int64_t i = begin * groups; i < end * groups; ++i) decode_block_bf16(b + i * 16, s[i], o + i * BLOCK);
 #else
     std::vector<float> row(groups * BLOCK);
     for (int64_t r = begin; r < end; ++r) {
@@ -241,7 +245,102 @@ torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
   return out;
 }
 
+// ---- AMX path (prefill) --------------------------------------------------------------------------
+//
+// Where the CPU has AMX, an expert with many slots multiplies bf16 tiles: A = 16 weight rows x one
+// block (32 values, decoded straight into a tile buffer, the block's scale folded in), B = 32 values
+// x 16 slots of activations (packed once per expert in the pair-interleaved layout the instruction
+// wants), C = 16 rows x 16 slots in fp32, accumulated over all blocks. Decoding dominates, and each
+// decoded panel of 16 rows serves every slot of the expert.
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(GPTOSS_AVX512_BF16)
+#define GPTOSS_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+bool amx_granted() {  // Linux hands the tile state to a process only when asked, once
+  static const bool granted = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return granted;
+}
+
+bool amx_available() { return amx_granted(); }
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int TILE = 16;        // rows of A and C, slots of B and C
+constexpr int SLOT_TILES = 4;   // C tiles (tmm0..3) accumulated at once; tmm4 = A, tmm5 = B
+
+// Slots [S, K] fp32 -> bf16 B tiles: [K/32][ceil(S/16)][16 pairs][16 slots][2], zero-padded slots.
+std::vector<at::BFloat16> pack_slots(const float* x, int64_t S, int64_t K) {
+  const int64_t groups = K / BLOCK, tiles = (S + TILE - 1) / TILE;
+  std::vector<at::BFloat16> packed(groups * tiles * 512, at::BFloat16(0.0f));
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t k = 0; k < K; ++k)
+      packed[((k / BLOCK * tiles + s / TILE) * 16 + (k % BLOCK) / 2) * 32 + (s % TILE) * 2 + k % 2] = at::BFloat16(x[s * K + k]);
+  return packed;
+}
+
+template <int NT>
+void amx_slot_tiles(const at::BFloat16* panel, const at::BFloat16* packed, int64_t groups, int64_t tiles, int64_t j0,
+                    float* c) {
+  if (NT > 0) _tile_zero(0);
+  if (NT > 1) _tile_zero(1);
+  if (NT > 2) _tile_zero(2);
+  if (NT > 3) _tile_zero(3);
+  for (int64_t g = 0; g < groups; ++g) {
+    _tile_loadd(4, panel + g * TILE * BLOCK, 64);
+    const at::BFloat16* b = packed + (g * tiles + j0) * 512;
+    if (NT > 0) { _tile_loadd(5, b, 64); _tile_dpbf16ps(0, 4, 5); }
+    if (NT > 1) { _tile_loadd(5, b + 512, 64); _tile_dpbf16ps(1, 4, 5); }
+    if (NT > 2) { _tile_loadd(5, b + 1024, 64); _tile_dpbf16ps(2, 4, 5); }
+    if (NT > 3) { _tile_loadd(5, b + 1536, 64); _tile_dpbf16ps(3, 4, 5); }
+  }
+  if (NT > 0) _tile_stored(0, c, 64);
+  if (NT > 1) _tile_stored(1, c + 256, 64);
+  if (NT > 2) _tile_stored(2, c + 512, 64);
+  if (NT > 3) _tile_stored(3, c + 768, 64);
+}
+
+// Rows [16 * rt, 16 * rt + 16) of expert e against its S slots (packed), into y rows s0.. (no bias).
+void amx_row_tile(const Problem& p, int64_t e, int64_t rt, const std::vector<at::BFloat16>& packed, int64_t s0,
+                  int64_t S, float* y, std::vector<at::BFloat16>& panel) {
+  const int64_t tiles = (S + TILE - 1) / TILE, r0 = rt * TILE, nr = std::min<int64_t>(TILE, p.R - r0);
+  panel.resize(p.groups * TILE * BLOCK);
+  if (nr < TILE) std::fill(panel.begin(), panel.end(), at::BFloat16(0.0f));  // rows past R multiply as zeros
+  for (int64_t i = 0; i < nr; ++i) {
+    const int64_t row = e * p.R + r0 + i;
+    for (int64_t g = 0; g < p.groups; ++g)
+      decode_block_bf16(p.blocks + (row * p.groups + g) * 16, p.scales[row * p.groups + g], panel.data() + (g * TILE + i) * BLOCK);
+  }
+  alignas(64) float c[SLOT_TILES * TILE * TILE];
+  for (int64_t j0 = 0; j0 < tiles; j0 += SLOT_TILES) {
+    const int nt = int(std::min<int64_t>(SLOT_TILES, tiles - j0));
+    switch (nt) {
+      case 1: amx_slot_tiles<1>(panel.data(), packed.data(), p.groups, tiles, j0, c); break;
+      case 2: amx_slot_tiles<2>(panel.data(), packed.data(), p.groups, tiles, j0, c); break;
+      case 3: amx_slot_tiles<3>(panel.data(), packed.data(), p.groups, tiles, j0, c); break;
+      default: amx_slot_tiles<4>(panel.data(), packed.data(), p.groups, tiles, j0, c); break;
+    }
+    for (int j = 0; j < nt; ++j)
+      for (int i = 0; i < nr; ++i)
+        for (int t = 0; t < TILE && (j0 + j) * TILE + t < S; ++t)
+          y[(s0 + (j0 + j) * TILE + t) * p.R + r0 + i] = c[(j * TILE + i) * TILE + t];
+  }
+}
+#endif
+
 // ---- grouped matmul over experts -----------------------------------------------------------------
+
+#ifndef GPTOSS_AMX
+bool amx_available() { return false; }
+#endif
 
 void check_mxfp4(const torch::Tensor& blocks, const torch::Tensor& scales, const torch::Tensor& bias) {
   TORCH_CHECK(blocks.dtype() == torch::kUInt8 && scales.dtype() == torch::kUInt8, "MXFP4 blocks/scales must be uint8");
@@ -252,12 +351,14 @@ void check_mxfp4(const torch::Tensor& blocks, const torch::Tensor& scales, const
 }
 
 // x32 [S, K] fp32, slots sorted by expert (offsets [E + 1]) -> y [S, R] fp32, bias added.
-// fast = false: the exact fp32 path for every expert. fast = true (bf16 models): experts with at least
-// gemm_min_slots slots dequantize their weight to bf16 for one GEMM (prefill: decoding the weight once
-// costs about what the fused kernel spends on ~10 slots, and torch's GEMM is far faster per token),
-// the others take the VNNI path where the CPU has it.
+// fast = false: the exact fp32 path for every expert. fast = true (bf16 models): an expert with at least
+// amx_min_slots slots takes the AMX path where the CPU has one, else with at least gemm_min_slots its
+// weight is dequantized to bf16 for one torch GEMM; the others take the VNNI path where the CPU has it.
+// (Past a few slots, decoding each weight once and multiplying many slots by it beats the VNNI loop,
+// whose work grows with the slots.)
 torch::Tensor grouped_matmul(const torch::Tensor& x32, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
-                             const std::vector<int64_t>& offsets, bool fast, int64_t gemm_min_slots) {
+                             const std::vector<int64_t>& offsets, bool fast, int64_t amx_min_slots,
+                             int64_t gemm_min_slots) {
   blocks = blocks.contiguous();
   scales = scales.contiguous();
   const int64_t E = blocks.size(0), R = blocks.size(1), groups = blocks.size(2), K = groups * BLOCK, S = x32.size(0);
@@ -269,16 +370,38 @@ torch::Tensor grouped_matmul(const torch::Tensor& x32, torch::Tensor blocks, tor
   Problem p{K, R, groups, blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), offsets.data()};
 
   // Tasks: (expert, tile of ROWS_PER_TASK rows) for every expert with slots that the GEMM does not take.
-  std::vector<std::pair<int64_t, int64_t>> tasks;
+  std::vector<std::pair<int64_t, int64_t>> tasks, amx_tasks;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = offsets[e + 1] - offsets[e];
-    if (fast && n >= gemm_min_slots) {
+    if (fast && n >= amx_min_slots && amx_available()) {
+      for (int64_t rt = 0; rt < (R + 15) / 16; ++rt) amx_tasks.emplace_back(e, rt);
+    } else if (fast && n >= gemm_min_slots) {
       const torch::Tensor w = dequantize_bf16(blocks[e], scales[e]);
       y.slice(0, offsets[e], offsets[e + 1]).copy_(at::linear(x32.slice(0, offsets[e], offsets[e + 1]).to(torch::kBFloat16), w));
     } else if (n > 0) {
       for (int64_t r = 0; r < R; r += ROWS_PER_TASK) tasks.emplace_back(e, r);
     }
   }
+#ifdef GPTOSS_AMX
+  if (!amx_tasks.empty()) {
+    std::vector<std::vector<at::BFloat16>> packed(E);
+    at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e)
+        if (offsets[e + 1] - offsets[e] >= amx_min_slots) packed[e] = pack_slots(x + offsets[e] * K, offsets[e + 1] - offsets[e], K);
+    });
+    at::parallel_for(0, int64_t(amx_tasks.size()), 1, [&](int64_t begin, int64_t end) {
+      TileConfig config;
+      for (int t = 0; t < 6; ++t) config.rows[t] = TILE, config.colsb[t] = 64;
+      _tile_loadconfig(&config);
+      std::vector<at::BFloat16> panel;
+      for (int64_t i = begin; i < end; ++i) {
+        const auto [e, rt] = amx_tasks[i];
+        amx_row_tile(p, e, rt, packed[e], offsets[e], offsets[e + 1] - offsets[e], out, panel);
+      }
+      _tile_release();
+    });
+  }
+#endif
   bool done = false;
 #ifdef GPTOSS_AVX512_VNNI
   if (fast) {
@@ -310,10 +433,11 @@ torch::Tensor grouped_matmul(const torch::Tensor& x32, torch::Tensor blocks, tor
   return y;
 }
 
-// One grouped matmul as the tests and benchmarks see it: x [S, K] bf16 (fast path) or fp32 (exact path),
-// slots sorted by expert, offsets [E + 1] int64 -> y [S, R] fp32 (bias added). No GEMM branch.
+// One grouped matmul as the tests and benchmarks see it: x [S, K] bf16 (fast paths) or fp32 (exact path),
+// slots sorted by expert, offsets [E + 1] int64 -> y [S, R] fp32 (bias added). The AMX and GEMM
+// branches are off unless their slot thresholds are given.
 torch::Tensor moe_matmul(torch::Tensor x, torch::Tensor blocks, torch::Tensor scales, torch::Tensor bias,
-                         torch::Tensor offsets) {
+                         torch::Tensor offsets, int64_t amx_min_slots, int64_t gemm_min_slots) {
   check_mxfp4(blocks, scales, bias);
   TORCH_CHECK(x.is_cpu() && (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32),
               "x must be bf16 or fp32, on the CPU");
@@ -321,7 +445,7 @@ torch::Tensor moe_matmul(torch::Tensor x, torch::Tensor blocks, torch::Tensor sc
   offsets = offsets.contiguous();
   std::vector<int64_t> off(offsets.data_ptr<int64_t>(), offsets.data_ptr<int64_t>() + offsets.numel());
   return grouped_matmul(x.to(torch::kFloat32).contiguous(), blocks, scales, bias, off,
-                        x.scalar_type() == torch::kBFloat16, std::numeric_limits<int64_t>::max());
+                        x.scalar_type() == torch::kBFloat16, amx_min_slots, gemm_min_slots);
 }
 
 // The whole MoE expert step of GPT-OSS for N tokens routed to k experts each:
@@ -332,7 +456,7 @@ torch::Tensor moe_matmul(torch::Tensor x, torch::Tensor blocks, torch::Tensor sc
 torch::Tensor moe_experts(torch::Tensor x, torch::Tensor expert_ids, torch::Tensor expert_weights,
                           torch::Tensor gate_up_blocks, torch::Tensor gate_up_scales, torch::Tensor gate_up_bias,
                           torch::Tensor down_blocks, torch::Tensor down_scales, torch::Tensor down_bias,
-                          double alpha, double limit, int64_t gemm_min_slots) {
+                          double alpha, double limit, int64_t amx_min_slots, int64_t gemm_min_slots) {
   check_mxfp4(gate_up_blocks, gate_up_scales, gate_up_bias);
   check_mxfp4(down_blocks, down_scales, down_bias);
   TORCH_CHECK(x.is_cpu() && x.dim() == 2 && (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32),
@@ -364,7 +488,8 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor expert_ids, torch::Tens
   for (int64_t i = 0; i < S; ++i) std::memcpy(xsp + i * H, xp + (sorted[i] / k) * H, H * sizeof(float));
 
   const bool fast = x.scalar_type() == torch::kBFloat16;
-  const torch::Tensor h = grouped_matmul(xs, gate_up_blocks, gate_up_scales, gate_up_bias, offsets, fast, gemm_min_slots);
+  const torch::Tensor h = grouped_matmul(xs, gate_up_blocks, gate_up_scales, gate_up_bias, offsets, fast, amx_min_slots,
+                                          gemm_min_slots);
   auto act = torch::empty({S, I}, x32.options());
   const float* hp = h.data_ptr<float>();
   float* ap = act.data_ptr<float>();
@@ -375,7 +500,8 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor expert_ids, torch::Tens
       ap[i] = gate / (1.0f + std::exp(-a * gate)) * (linear + 1.0f);
     }
   });
-  const torch::Tensor y = grouped_matmul(act, down_blocks, down_scales, down_bias, offsets, fast, gemm_min_slots);
+  const torch::Tensor y = grouped_matmul(act, down_blocks, down_scales, down_bias, offsets, fast, amx_min_slots,
+                                          gemm_min_slots);
 
   auto out = torch::empty({N, H}, x32.options());
   const float* yp = y.data_ptr<float>();
@@ -462,7 +588,10 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_bf16", &dequantize_bf16, "one expert's MXFP4 weight as bf16 [R, K]");
-  m.def("moe_matmul", &moe_matmul, "MXFP4 grouped matmul over experts (slots sorted by expert)");
+  constexpr int64_t never = std::numeric_limits<int64_t>::max();
+  m.def("moe_matmul", &moe_matmul, "MXFP4 grouped matmul over experts (slots sorted by expert)", py::arg("x"),
+        py::arg("blocks"), py::arg("scales"), py::arg("bias"), py::arg("offsets"), py::arg("amx_min_slots") = never,
+        py::arg("gemm_min_slots") = never);
   m.def("moe_experts", &moe_experts, "GPT-OSS MoE experts: grouped MXFP4 matmuls, clamped SwiGLU, weighted sum");
   m.def("linear_bf16", &linear_bf16, "bf16 GEMV for up to 4 rows of x");
   m.def("has_vnni", [] {
@@ -471,5 +600,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     return false;
 #endif
-  }, "whether bf16 activations take the AVX-512 VNNI path (Q8 activations) rather than the exact fp32 one");
+  }, "whether bf16 activations take the AVX-512 VNNI path (int8 activations) rather than the exact fp32 one");
+  m.def("has_amx", &amx_available, "whether the AMX path can run here (CPU, compiler and OS)");
 }
