@@ -25,12 +25,13 @@ def register(subparsers) -> None:
 def run(args) -> int:
     result = run_benchmark(resolve_model(args.model), parse_ints(args.prompt_lens, "--prompt-lens"), args.gen,
                            threads=args.threads, chunk=args.chunk, kernels=not args.reference,
-                           dtype=DTYPES[args.dtype])
+                           dtype=DTYPES[args.dtype], int8_dense=args.int8)
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"model {Path(result['model']).name}: {result['dtype']}, {result['threads']} threads, "
-          f"{'fused kernels' if result['kernels'] else 'reference path'}")
+          f"{'fused kernels' if result['kernels'] else 'reference path'}"
+          f"{', int8 attention and unembedding' if result['int8_dense'] else ''}")
     rows = [("load", f"{result['load_s']:.2f} s")]
     rows += [(f"prefill pp{n}", f"{v:.1f} tok/s") for n, v in result["prefill_tok_s"].items()]
     rows += [(f"decode tg{args.gen}", f"{result['decode_tok_s']:.2f} tok/s"),

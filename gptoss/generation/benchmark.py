@@ -48,11 +48,11 @@ def decode_seconds(model: Transformer, cache: KVCache, logits: torch.Tensor, ste
 
 
 def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = None, chunk: int = PREFILL_CHUNK,
-                  kernels: bool = True, dtype: torch.dtype | None = None) -> dict:
+                  kernels: bool = True, dtype: torch.dtype | None = None, int8_dense: bool = False) -> dict:
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = load_model(path, dtype=dtype, kernels=kernels)
+    model = load_model(path, dtype=dtype, kernels=kernels, int8_dense=int8_dense)
     load_s = time.perf_counter() - start
     prefill_seconds(model, min(prompt_lens + [chunk]), chunk, seed=1)  # warm-up: faults the mapped weights in
     prefill = {}
@@ -66,6 +66,7 @@ def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = 
         "threads": torch.get_num_threads(),
         "kernels": any(b.mlp.experts.use_kernel for b in model.model.layers),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "int8_dense": int8_dense,
         "load_s": load_s,
         "prefill_tok_s": prefill,
         "decode_tok_s": gen / decode_s,

@@ -88,8 +88,8 @@ def attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch
     queries = q.reshape(B, Hkv * G, T, D)
     outputs, lse = [], []
     for start in range(0, k.shape[1], key_block):
-        kb = k[:, start:start + key_block].transpose(1, 2).repeat_interleave(G, dim=1)   # [B, Hq, S', D]
-        vb = v[:, start:start + key_block].transpose(1, 2).repeat_interleave(G, dim=1)
+        kb = k[:, start:start + key_block].transpose(1, 2).repeat_interleave(G, dim=1).to(q.dtype)  # [B, Hq, S', D]
+        vb = v[:, start:start + key_block].transpose(1, 2).repeat_interleave(G, dim=1).to(q.dtype)
         visible = visible_keys(q_pos, k_pos[:, start:start + key_block], window)[:, None]  # [B, 1, T, S']
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
         out, block_lse = _flash(queries, kb, vb, attn_mask=mask, scale=1 / math.sqrt(D))

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptoss.kernels import cpu_kernels
-from gptoss.kernels.moe import fused_experts, kernel_applies, linear
+from gptoss.kernels.ops import fused_experts, kernel_applies, linear, linear_int8
 from gptoss.model.attention import attend
 from gptoss.model.config import ModelConfig
-from gptoss.weights import mxfp4
+from gptoss.weights import int8, mxfp4
 
 
 class RMSNorm(nn.Module):
@@ -38,11 +38,20 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that takes the bf16 GEMV kernel at decode once `use_kernel` is set (Transformer.use_kernels)."""
+    """nn.Linear that takes the GEMV kernels at decode once `use_kernel` is set (Transformer.use_kernels),
+    and whose weight can be turned into int8 blocks (`to_int8`: buffers weight_int8 and weight_scales)."""
 
     use_kernel = False
 
+    def to_int8(self) -> None:
+        values, scales = int8.quantize(self.weight.detach())
+        del self.weight
+        self.register_buffer("weight_int8", values)
+        self.register_buffer("weight_scales", scales)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "weight_int8"):
+            return linear_int8(x, self.weight_int8, self.weight_scales, self.bias, self.use_kernel)
         return linear(x, self.weight, self.bias) if self.use_kernel else F.linear(x, self.weight, self.bias)
 
 
@@ -234,6 +243,17 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.use_kernel = enabled and cpu_kernels() is not None
+        return self
+
+    def dense_to_int8(self) -> "Transformer":
+        """The attention projections and the unembedding to int8 blocks (gptoss.weights.int8): decode
+        reads 1.125 bytes a weight there instead of 2. A tied unembedding stays as it is (it is also the
+        embedding table)."""
+        for block in self.model.layers:
+            for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj):
+                proj.to_int8()
+        if not self.config.tie_embeddings:
+            self.lm_head.to_int8()
         return self
 
     @property

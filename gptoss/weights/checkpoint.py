@@ -185,13 +185,15 @@ def _layer_hint(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> str:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               dequantize_experts: bool = False, progress: bool = False, kernels: bool = True) -> Transformer:
+               dequantize_experts: bool = False, progress: bool = False, kernels: bool = True,
+               int8_dense: bool = False) -> Transformer:
     """Loads a checkpoint directory (Hugging Face or OpenAI original/ layout) into a `Transformer`.
 
     dtype: of the dense weights and activations; default: the checkpoint's own (bf16 as published).
     MXFP4 experts stay packed unless `dequantize_experts` asks for dense experts in `dtype`.
     progress: a progress bar on stderr, one step per tensor.
     kernels: use the fused CPU kernels where they apply (False: the pure-PyTorch reference path).
+    int8_dense: hold the attention projections and the unembedding in int8 blocks (gptoss.weights.int8).
     """
     ckpt = open_checkpoint(path)
     dtype = dtype or ckpt.float_dtype
@@ -215,4 +217,6 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             state[base] = mxfp4.dequantize(state.pop(key), state.pop(base + "_scales"), dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
+    if int8_dense:
+        model.dense_to_int8()
     return model.to(device).eval().use_kernels(kernels)

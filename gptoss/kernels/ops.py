@@ -1,5 +1,6 @@
-"""The CPU kernels seen from the model: the MoE experts through the fused MXFP4 kernel (slots sorted
-by expert, two grouped matmuls) and bf16 linear layers through a GEMV kernel at decode."""
+"""The CPU kernels as the model calls them: the MoE experts through the fused MXFP4 kernels, and the
+dense linear layers (bf16, or the optional int8 blocks) through GEMV kernels at decode. Each falls back
+to plain PyTorch where the kernels do not apply."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gptoss.kernels import cpu_kernels
+from gptoss.weights import int8
 
 def kernel_applies(experts) -> bool:
     """Whether `experts` (a gptoss Experts module) can take the fused kernel: MXFP4 with biases and the
@@ -22,6 +24,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if kernels is None or rows > 4 or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not x.is_cpu:
         return F.linear(x, weight, bias)
     return kernels.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_int8(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                use_kernel: bool) -> torch.Tensor:
+    """F.linear with an int8-block weight (gptoss.weights.int8): the int8 GEMV kernel for a few rows of
+    bf16 activations on the CPU; otherwise the weight dequantized to x's dtype (by the kernel for bf16)."""
+    kernels = cpu_kernels() if use_kernel else None
+    rows = x.numel() // x.shape[-1]
+    if kernels is None or x.dtype != torch.bfloat16 or not x.is_cpu:
+        return F.linear(x, int8.dequantize(values, scales, x.dtype), bias)
+    if rows > 4:
+        return F.linear(x, kernels.dequantize_int8(values, scales), bias)
+    return kernels.linear_int8(x.reshape(rows, x.shape[-1]), values, scales, bias).view(*x.shape[:-1], values.shape[0])
 
 
 # Where an expert's slots in a step (bf16 models) stop going through the VNNI loop, whose work grows with
