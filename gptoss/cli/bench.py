@@ -32,7 +32,7 @@ def run(args) -> int:
     print(f"model {Path(result['model']).name}: {result['dtype']}, {result['threads']} threads, "
           f"{'fused kernels' if result['kernels'] else 'reference path'}"
           f"{', int8 attention and unembedding' if result['int8_dense'] else ''}")
-    rows = [("load", f"{result['load_s']:.2f} s")]
+    rows = [("load", f"{result['load_s']:.2f} s (opened in {result['map_s']:.2f} s, then every weight read)")]
     rows += [(f"prefill pp{n}", f"{v:.1f} tok/s") for n, v in result["prefill_tok_s"].items()]
     rows += [(f"decode tg{args.gen}", f"{result['decode_tok_s']:.2f} tok/s"),
              ("decode bandwidth", f"{result['decode_gb_s']:.1f} GB/s ({result['decode_gb_per_token']:.3f} GB/token)"),

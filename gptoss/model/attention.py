@@ -1,7 +1,8 @@
 """Attention with per-head sinks and a sliding window, over key blocks.
 
 Keys are visited in blocks of `KEY_BLOCK`, so a chunk of queries against a long context never holds a
-[T, S] score matrix or mask for the whole context. Two ways through the blocks:
+[T, S] score matrix or mask for the whole context. Two ways through the blocks, and a C++ kernel for
+decode (gptoss.kernels, `attend_decode`) where the kernels are on:
 
 - `attend_explicit`, the reference, written out: a running maximum, denominator and weighted sum per
   query (the flash-attention recurrence), the sink entering as the recurrence's starting state: a
@@ -17,6 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from gptoss.kernels import cpu_kernels
 
 KEY_BLOCK = 1024
 # From this many queries per KV head row, the fused kernel beats the explicit recurrence on the CPU.
@@ -37,13 +40,21 @@ def visible_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-           window: int | None, sinks: torch.Tensor | None) -> torch.Tensor:
+           window: int | None, sinks: torch.Tensor | None, use_kernel: bool = False) -> torch.Tensor:
     """q [B, Hkv, G, T, D]; k, v [B, S, Hkv, D]; q_pos [B, T]; k_pos [B, S]; sinks [Hkv * G] or None
-    -> [B, Hkv, G, T, D] in v's dtype. Query head (h, g) reads KV head h."""
+    -> [B, Hkv, G, T, D] in v's dtype. Query head (h, g) reads KV head h.
+
+    use_kernel: a few bf16 queries (decode) go through gptoss's C++ kernel, which scores only the
+    visible keys (a sliding layer's ring holds window - 1 + chunk slots, a decode query sees `window`).
+    """
     # The flash kernel's log-sum-exp output has no gradient: training (the study) takes the explicit path.
     inference = not (torch.is_grad_enabled() and q.requires_grad)
-    if _flash is not None and inference and q.device.type == "cpu" and q.shape[3] >= FLASH_MIN_QUERIES:
-        return attend_flash(q, k, v, q_pos, k_pos, window, sinks)
+    if inference and q.device.type == "cpu":
+        if _flash is not None and q.shape[3] >= FLASH_MIN_QUERIES:
+            return attend_flash(q, k, v, q_pos, k_pos, window, sinks)
+        kernels = cpu_kernels() if use_kernel else None
+        if kernels is not None and q.dtype == k.dtype == v.dtype == torch.bfloat16:
+            return kernels.attend_decode(q, k, v, q_pos, k_pos, window or 0, sinks)
     return attend_explicit(q, k, v, q_pos, k_pos, window, sinks)
 
 

@@ -114,6 +114,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         # One learned logit per query head, or none.
         self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attention_sinks else None
+        self.use_kernel = False  # set by Transformer.use_kernels(): the C++ attention kernel at decode
 
     def forward(self, x, cos, sin, positions, cache=None):
         B, T, _ = x.shape
@@ -129,7 +130,7 @@ class Attention(nn.Module):
             k, v, k_pos = cache.update(self.layer, k, v)
 
         q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)                # [B, Hkv, G, T, D]
-        out = attend(q, k, v, positions, k_pos, self.window, self.sinks)   # [B, Hkv, G, T, D]
+        out = attend(q, k, v, positions, k_pos, self.window, self.sinks, self.use_kernel)   # [B, Hkv, G, T, D]
         return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.num_heads * D))
 
 
@@ -236,12 +237,12 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(cfg)
 
     def use_kernels(self, enabled: bool = True) -> "Transformer":
-        """Switches the experts to the fused MXFP4 CPU kernel where it applies, and the linear layers to
-        the bf16 GEMV kernel (see gptoss.kernels)."""
+        """Switches the experts to the fused MXFP4 CPU kernel where it applies, the linear layers to the
+        GEMV kernels and decode attention to its kernel (see gptoss.kernels)."""
         for block in self.model.layers:
             block.mlp.experts.use_kernel = enabled and kernel_applies(block.mlp.experts)
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, Attention)):
                 module.use_kernel = enabled and cpu_kernels() is not None
         return self
 
