@@ -45,6 +45,7 @@ class Linear(nn.Linear):
 
     def to_int8(self) -> None:
         values, scales = int8.quantize(self.weight.detach())
+        int8.release_pages(self.weight)
         del self.weight
         self.register_buffer("weight_int8", values)
         self.register_buffer("weight_scales", scales)

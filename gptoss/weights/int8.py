@@ -10,6 +10,9 @@ like llama.cpp's Q8_0 (which has one fp16 scale per 32).
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import torch
 
 BLOCK = 32
@@ -34,3 +37,18 @@ def quantize(weight: torch.Tensor, rows_at_once: int = 4096) -> tuple[torch.Tens
 def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     n, k = values.shape
     return (values.float().view(n, k // BLOCK, BLOCK) * scales.unsqueeze(-1)).view(n, k).to(dtype)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Asks Linux to reclaim the memory pages that lie wholly inside `t` (MADV_PAGEOUT), once its int8
+    copy has replaced it. A memory-mapped checkpoint keeps the whole file mapped while other tensors of
+    it live, so without this the bf16 original would stay resident and counted in the process's RSS.
+    Reclaiming never loses data (a mapped page is read again from its file if touched); where the call is
+    not supported, nothing happens."""
+    if t.device.type != "cpu" or not hasattr(ctypes.CDLL(None), "madvise"):
+        return
+    start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        MADV_PAGEOUT = 21
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
