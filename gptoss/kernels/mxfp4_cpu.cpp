@@ -204,18 +204,16 @@ void rows_vnni(const Problem& p, int64_t e, int64_t r0, int64_t r1, const std::v
 
 #ifdef GPTOSS_AVX512_BF16
 // 16 packed bytes + their scale -> 32 bf16 weights in element order. Exact: FP4 values times powers of
-// two are bf16 numbers (vcvtneps2bf16 flushes results below 2^-126, which no real scale reaches).
+// two are bf16 numbers (vcvtneps2bf16 flushes results below 2^-126, which no real scale reaches). The
+// scale goes into the 16-entry table first (fp32, then bf16), so each block is one vpermw lookup.
 inline void decode_block_bf16(const uint8_t* b, uint8_t s, at::BFloat16* out) {
-  const __m512 table = _mm512_loadu_ps(FP4_VALUES);
-  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
   const __m512 scale = _mm512_castsi512_ps(_mm512_set1_epi32(s ? int32_t(s) << 23 : 0x00400000));  // 2^(s-127)
-  const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(bytes, table), scale);  // vpermps reads 4 index bits
-  const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
-  const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(even, second, odd),
-                                            _mm512_permutex2var_ps(even, first, odd));
-  _mm512_storeu_si512(out, (__m512i)both);
+  const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(FP4_VALUES), scale));
+  // dword j = byte j; its low word indexes element 2j (low nibble), its high word element 2j + 1.
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+  const __m512i index = _mm512_ternarylogic_epi32(_mm512_set1_epi32(0x000F000F), bytes, _mm512_slli_epi32(bytes, 12), 0xE0);
+  const __m512i values = _mm512_permutexvar_epi16(index, _mm512_castsi256_si512((__m256i)table));
+  _mm512_storeu_si512(out, values);
 }
 #endif
 
