@@ -228,8 +228,8 @@ def test_int8_dense_layers_cost_little_accuracy(tmp_checkpoint):
 
     truth = per_token_logits(load_model(path, dtype=torch.float32, kernels=False))
     errors = {}
-    for name, int8_dense in (("bf16", False), ("int8", True)):
-        got = per_token_logits(load_model(path, int8_dense=int8_dense))
+    for name, int8_dense, kernels_on in (("bf16", False, True), ("int8", True, True), ("int8, no kernels", True, False)):
+        got = per_token_logits(load_model(path, int8_dense=int8_dense, kernels=kernels_on))
         errors[name] = ((got - truth).norm(dim=-1) / truth.norm(dim=-1)).median().item()
-    print(f"median per-token relative logit error vs fp32: bf16 {errors['bf16']:.4f}, int8 {errors['int8']:.4f}")
-    assert errors["int8"] < 2.5 * errors["bf16"]
+    print("median per-token relative logit error vs fp32:", {name: round(e, 4) for name, e in errors.items()})
+    assert errors["int8"] < 2.5 * errors["bf16"] and errors["int8, no kernels"] < 2.5 * errors["bf16"]

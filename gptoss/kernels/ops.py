@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from gptoss.kernels import cpu_kernels
 from gptoss.weights import int8
 
+
 def kernel_applies(experts) -> bool:
     """Whether `experts` (a gptoss Experts module) can take the fused kernel: MXFP4 with biases and the
     clamped SwiGLU (as GPT-OSS ships them), on the CPU."""
@@ -26,11 +27,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return kernels.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_int8(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                use_kernel: bool) -> torch.Tensor:
+def linear_int8(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear with an int8-block weight (gptoss.weights.int8): the int8 GEMV kernel for a few rows of
     bf16 activations on the CPU; otherwise the weight dequantized to x's dtype (by the kernel for bf16)."""
-    kernels = cpu_kernels() if use_kernel else None
+    kernels = cpu_kernels()
     rows = x.numel() // x.shape[-1]
     if kernels is None or x.dtype != torch.bfloat16 or not x.is_cpu:
         return F.linear(x, int8.dequantize(values, scales, x.dtype), bias)

@@ -52,7 +52,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "weight_int8"):
-            return linear_int8(x, self.weight_int8, self.weight_scales, self.bias, self.use_kernel)
+            if self.use_kernel:
+                return linear_int8(x, self.weight_int8, self.weight_scales, self.bias)
+            return F.linear(x, int8.dequantize(self.weight_int8, self.weight_scales, x.dtype), self.bias)
         return linear(x, self.weight, self.bias) if self.use_kernel else F.linear(x, self.weight, self.bias)
 
 
