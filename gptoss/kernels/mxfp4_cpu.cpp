@@ -96,7 +96,19 @@ void rows_f32(const Problem& p, int64_t e, int64_t r0, int64_t r1, const float* 
 // scale / 2.
 
 #ifdef GPTOSS_AVX512_VNNI
-constexpr int QUAD = 4 * BLOCK;  // values per 64-byte step
+// 8 activations -> 8 int8 steps of absmax / 127 (in qi, as int32; round to nearest, ties to even);
+// returns absmax. Both int8 kernels quantize their activations through this, 8 values at a time.
+inline float quantize_group8(const float* x, int32_t* qi) {
+  const __m256 v = _mm256_loadu_ps(x);
+  __m256 m = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);             // |v|, then the max of the 8
+  m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+  m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
+  m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
+  const float amax = _mm256_cvtss_f32(m);
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qi), _mm256_cvtps_epi32(_mm256_mul_ps(v, _mm256_set1_ps(inv))));
+  return amax;
+}
 
 // One slot's activations, quantized and laid out for the weight steps: per step q_even and q_odd
 // (64 int8 each: 16 per block), the accumulator start (16 int32) and the per-lane scale (16 fp32).
@@ -115,15 +127,8 @@ void quantize_activations(const float* x, int64_t groups, QuantizedRow& q) {
   // int32 lane l of a step sums the products of 8 consecutive values (4 even, 4 odd) of one block:
   // each such group of 8 gets its own scale, as fine as the lane layout allows at no cost.
   for (int64_t group = 0; group < groups * 4; ++group) {
-    const __m256 v = _mm256_loadu_ps(x + group * 8);
-    __m256 m = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);             // |v|, then the max of the 8
-    m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
-    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
-    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
-    const float amax = _mm256_cvtss_f32(m);
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    alignas(32) int32_t qi[8];                                           // round to nearest, ties to even
-    _mm256_store_si256(reinterpret_cast<__m256i*>(qi), _mm256_cvtps_epi32(_mm256_mul_ps(v, _mm256_set1_ps(inv))));
+    int32_t qi[8];
+    const float amax = quantize_group8(x + group * 8, qi);
     const int64_t step = group / 16, lane = group % 16, at = step * 64 + (lane / 4) * 16 + (lane % 4) * 4;
     int32_t sum = 0;
     for (int j = 0; j < 4; ++j) {
@@ -606,11 +611,8 @@ void quantize_natural(const float* x, int64_t K, QuantizedActivations& a) {
   a.start.assign(steps * 16, 0);
   a.scale.assign(steps * 16, 0.0f);
   for (int64_t group = 0; group < K / 8; ++group) {
-    float amax = 0.0f;
-    for (int j = 0; j < 8; ++j) amax = std::max(amax, std::fabs(x[group * 8 + j]));
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    alignas(32) int32_t qi[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(qi), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + group * 8), _mm256_set1_ps(inv))));
+    int32_t qi[8];
+    const float amax = quantize_group8(x + group * 8, qi);
     for (int j = 0; j < 8; ++j) a.q[group * 8 + j] = int8_t(qi[j]);
     for (int half = 0; half < 2; ++half) {  // two int32 lanes of 4 values each
       const int64_t lane = group * 2 + half;
@@ -655,8 +657,8 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight, torch::Tensor s
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   weight = weight.contiguous();
   scales = scales.contiguous();
-  const torch::Tensor b = bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::zeros({N});
-  TORCH_CHECK(b.numel() == N, "linear_int8: bias must be [N]");
+  const torch::Tensor b = bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
+  TORCH_CHECK(!b.defined() || b.numel() == N, "linear_int8: bias must be [N]");
   const torch::Tensor x32 = x.to(torch::kFloat32).contiguous();
   auto y = torch::empty({M, N}, x.options());
 #ifdef GPTOSS_AVX512_VNNI
@@ -665,7 +667,7 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight, torch::Tensor s
   for (int64_t m = 0; m < M; ++m) quantize_natural(x32.data_ptr<float>() + m * K, K, xa[m]), xp[m] = &xa[m];
   const int8_t* wp = weight.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     float out[4];
@@ -678,7 +680,7 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight, torch::Tensor s
         case 3: row_q8<3>(row, rs, K, xp, out); break;
         default: row_q8<4>(row, rs, K, xp, out); break;
       }
-      for (int64_t m = 0; m < M; ++m) yp[m * N + r] = at::BFloat16(out[m] + bp[r]);
+      for (int64_t m = 0; m < M; ++m) yp[m * N + r] = at::BFloat16(out[m] + (bp ? bp[r] : 0.0f));
     }
   });
 #else
