@@ -15,7 +15,7 @@ import time
 import torch
 
 from gptoss.kernels import cpu_kernels
-from gptoss.weights import int8
+from gptoss.quant import int8
 
 
 def seconds_per_call(fn, calls: int = 3) -> float:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gptoss.kernels import cpu_kernels
-from gptoss.model import attention
-from gptoss.model.attention import attend_explicit, attend_flash, visible_keys
+from gptoss.kernels import attention
+from gptoss.kernels.attention import attend_explicit, attend_flash, visible_keys
 
 
 def direct(q, k, v, q_pos, k_pos, window, sinks):
@@ -25,7 +25,7 @@ def direct(q, k, v, q_pos, k_pos, window, sinks):
     return probs @ vv
 
 
-WAYS = [attend_explicit] + ([attend_flash] if attention._flash is not None else [])
+WAYS = [attend_explicit] + ([attend_flash] if attention.flash_kernel is not None else [])
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -47,7 +47,7 @@ def test_blocked_equals_direct(window, with_sinks, way):
     assert got[1, :, :, 0].abs().max() == 0                              # padding sees nothing: zeros
 
 
-@pytest.mark.skipif(attention._flash is None, reason="this torch has no CPU flash-attention kernel")
+@pytest.mark.skipif(attention.flash_kernel is None, reason="this torch has no CPU flash-attention kernel")
 def test_flash_in_bf16_no_worse_than_explicit_by_much():
     """In bf16 the flash kernel rounds each block's output to bf16 before the blocks are combined: one
     extra rounding over the explicit path's single one, so up to about twice its error, never more."""

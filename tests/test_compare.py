@@ -21,7 +21,7 @@ from gptoss.analysis.compare import (
     WEIGHT_FORMATS,
     flops_per_token,
     kv_bytes_per_position,
-    kv_cache_bytes,
+    windowed_kv_bytes,
     params,
     render,
     report,
@@ -122,18 +122,18 @@ def test_kv_cache_of_gpt_oss_20b():
     assert (arch.num_sliding, arch.num_full) == (12, 12)
     assert kv_bytes_per_position(arch) == 8 * 64 * 2 * 2 == 2048  # 8 KV heads x 64 dims x (K, V) x bf16
     for context in (1, 100, 128, 129, 4096, 131072):
-        assert kv_cache_bytes(arch, context) == 12 * 2048 * context + 12 * 2048 * min(context, 128)
-    assert kv_cache_bytes(arch, 4096) == 103_809_024
-    assert kv_cache_bytes(arch, 131072) == 3_224_371_200
+        assert windowed_kv_bytes(arch, context) == 12 * 2048 * context + 12 * 2048 * min(context, 128)
+    assert windowed_kv_bytes(arch, 4096) == 103_809_024
+    assert windowed_kv_bytes(arch, 131072) == 3_224_371_200
 
 
 def test_kv_cache_of_the_other_patterns():
     gemma, qwen = BUILTIN["Gemma-3-27B"], BUILTIN["Qwen3-30B-A3B"]
     assert (gemma.num_sliding, gemma.num_full, gemma.attention_pattern()) == (52, 10, "5:1")
     assert kv_bytes_per_position(gemma) == 16 * 128 * 2 * 2
-    assert kv_cache_bytes(gemma, 131072) == 8192 * (10 * 131072 + 52 * 1024)
+    assert windowed_kv_bytes(gemma, 131072) == 8192 * (10 * 131072 + 52 * 1024)
     assert qwen.attention_pattern() == "full only"
-    assert kv_cache_bytes(qwen, 32768) == 48 * 4 * 128 * 2 * 2 * 32768
+    assert windowed_kv_bytes(qwen, 32768) == 48 * 4 * 128 * 2 * 2 * 32768
     assert BUILTIN["gpt-oss-120b"].attention_pattern() == "1:1"
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptoss import load_model
-from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache, kv_cache_bytes
+from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache, allocated_kv_bytes
 from gptoss.generation.generate import generate, stream
 from gptoss.generation.sampling import SamplingParams, sample
 from tests.conftest import random_hf_model, tiny_config
@@ -77,7 +77,7 @@ def test_sliding_cache_stays_at_window_size():
     from gptoss import preset
     per_token_layer = 2 * 8 * 64 * 2
     for context in (4096, 32768, 131072):
-        sizes = kv_cache_bytes(preset("gpt-oss-20b"), context)
+        sizes = allocated_kv_bytes(preset("gpt-oss-20b"), context)
         assert sizes["full_layers"] == 12 * context * per_token_layer
         assert sizes["sliding_layers"] == 12 * (128 - 1 + PREFILL_CHUNK) * per_token_layer
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptoss import load_model
-from gptoss.weights import mxfp4
+from gptoss.quant import mxfp4
 from tests.conftest import tiny_config
 
 

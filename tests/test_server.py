@@ -10,6 +10,7 @@ calls and results in the history are checked against harmony's own rendering.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import threading
@@ -33,7 +34,7 @@ from gptoss.generation.generate import generate
 from gptoss.model.config import preset
 from gptoss.server import Engine, create_app
 from gptoss.server import engine as engine_module
-from gptoss.server.openai_api import ChatOutput, ResponsesOutput
+from gptoss.server.outputs import ChatOutput, ResponsesOutput
 from gptoss.weights.random_checkpoint import write_random_checkpoint
 
 MODEL = "tiny-random"
@@ -133,6 +134,23 @@ def test_kv_cache_rows_are_views_that_prefill_decode_and_reset_one_row(model):
     assert big.lengths.tolist() == [0, 0, 6]
     for positions in big.slot_positions.values():
         assert (positions[0] == -1).all() and (positions[2] >= 0).sum() == 6
+
+
+def test_engine_prefills_prompts_longer_than_its_chunk(model):
+    """Prompts of several chunks, prefilled a chunk per step beside another request's decoding (the
+    sliding window of 8 is far shorter than the chunks): the same greedy tokens as `generate`."""
+    prompts = [list(range(3000, 3100)), list(range(4000, 4037)), list(range(5000, 5016))]
+    expected = [generate(model, p, 6) for p in prompts]
+
+    async def run():
+        engine = Engine(model, max_batch=2, context=128, chunk=16).start()
+        generations = [engine.submit(engine_module.Generation(p, 6, stop_tokens=model.config.eos_token_ids))
+                       for p in prompts]
+        got = [[t async for t in g.tokens()] for g in generations]
+        engine.close()
+        return got
+
+    assert asyncio.run(run()) == expected
 
 
 def test_models_lists_the_served_model(client):

@@ -133,3 +133,38 @@ def test_openai_harmony_loads_offline_without_configuration(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(get_tokenizer().encode("hello world"))
     assert not any(tmp_path.iterdir())  # nothing was downloaded
+
+
+def test_one_decoder_for_every_output(monkeypatch):
+    """Raw generation (stream_text), /v1/completions and the harmony parser's salvaged text all decode
+    through TextDecoder: on a stream with special tokens between the bytes of one character, and a
+    character cut off at the end, the three give the same text, and it is the decoder's."""
+    from gptoss.chat.harmony import StreamParser
+    from gptoss.chat.tokenizer import HARMONY_SPECIAL_TOKENS as SPECIAL, TextDecoder
+    from gptoss.generation import generate as generate_module
+    from gptoss.server.outputs import CompletionOutput
+
+    tokenizer = get_tokenizer()
+    llama = tokenizer.encode("🦙")                        # three tokens, none of them a whole character
+    assert len(llama) == 3
+    tokens = (tokenizer.encode("Llamas ") + [llama[0], SPECIAL["<|constrain|>"], llama[1], SPECIAL["<|reserved_200013|>"],
+                                             llama[2]] + tokenizer.encode(" and ünïcode") + [llama[0], SPECIAL["<|return|>"]])
+    expected = "Llamas 🦙 and ünïcode\ufffd"
+
+    decoder = TextDecoder()
+    assert "".join(decoder.feed(t) for t in tokens) + decoder.flush() == expected
+
+    monkeypatch.setattr(generate_module, "stream", lambda *args, **kwargs: iter(tokens))
+    assert "".join(text for _, text in generate_module.stream_text(None, [0], len(tokens))) == expected
+
+    completion = CompletionOutput([], eos_tokens=(SPECIAL["<|return|>"],))
+    pieces = [piece for t in tokens for piece in completion.feed(t)] + completion.end()
+    assert "".join(pieces) == expected
+
+    parser = StreamParser()                              # a header that breaks at once: all of it salvaged
+    for t in tokens:
+        parser.feed(t)
+    assert [m.text for m in parser.finish()] == [expected]
+
+    named = TextDecoder(specials="text")
+    assert "".join(named.feed(t) for t in tokenizer.encode("a<|constrain|>b", allowed_special="all")) == "a<|constrain|>b"

@@ -2,7 +2,9 @@
 
 An `Architecture` holds what decides a model's size and per-token cost: widths, depth, heads,
 experts, which layers slide, and the small extras (biases, sinks, QK-norm, sandwich norms) that a
-parameter count must include to land exactly on the published totals. GPT-OSS and Qwen3-MoE come
+parameter count must include to land exactly on the published totals. Its fields are `ModelConfig`'s
+where the two overlap (same names, same checks: `check_geometry`); it also describes dense models
+(num_experts 0) and shared experts, which ModelConfig does not run. GPT-OSS and Qwen3-MoE come
 from our `ModelConfig` (which runs both), Gemma 3 from its own reader; the built-ins are excerpts of
 the published config.json files, read by the same loader that reads a user's config.json, so they
 also exercise the loader.
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptoss.errors import GptossError
-from gptoss.model.config import FULL, PRESETS, SLIDING, ConfigError, ModelConfig, read_config_json, sliding_pattern
+from gptoss.model.config import (FULL, PRESETS, SLIDING, ConfigError, ModelConfig, check_geometry, read_config_json,
+                                 sliding_pattern)
 
 
 class ArchitectureError(GptossError):
@@ -40,9 +43,9 @@ class Architecture:
     attention_sinks: bool                # one learned sink logit per query head
     qk_norm: bool                        # an RMSNorm over head_dim on queries and on keys
     norms_per_layer: int                 # hidden-wide RMSNorms per block: 2 pre-norm, 4 "sandwich"
-    mlp_bias: bool                       # expert (or dense MLP) projections carry biases
+    expert_bias: bool                    # expert (or dense MLP) projections carry biases
     router_bias: bool
-    tied_embeddings: bool                # the unembedding reuses the embedding table
+    tie_embeddings: bool                 # the unembedding reuses the embedding table
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -51,14 +54,8 @@ class Architecture:
             if not ok:
                 raise ArchitectureError(f"architecture {self.name!r}: {message}")
 
-        need(len(self.layer_types) == self.num_layers,
-             f"{len(self.layer_types)} layer types for {self.num_layers} layers")
-        need(set(self.layer_types) <= {SLIDING, FULL}, f"unknown layer type in {sorted(set(self.layer_types))}")
-        need(SLIDING not in self.layer_types or self.sliding_window >= 1, "sliding layers need a window")
-        need(self.num_heads % self.num_kv_heads == 0,
-             f"{self.num_heads} query heads do not divide into {self.num_kv_heads} KV heads")
-        need(self.num_experts == 0 or 1 <= self.experts_per_token <= self.num_experts,
-             f"{self.experts_per_token} experts per token out of {self.num_experts}")
+        check_geometry(need, self.num_layers, self.layer_types, self.num_heads, self.num_kv_heads, self.sliding_window,
+                       self.num_experts, self.experts_per_token)
 
     @property
     def is_moe(self) -> bool:
@@ -109,9 +106,9 @@ class Architecture:
             attention_sinks=config.attention_sinks,
             qk_norm=config.qk_norm,
             norms_per_layer=2,
-            mlp_bias=config.expert_bias,
+            expert_bias=config.expert_bias,
             router_bias=config.router_bias,
-            tied_embeddings=config.tie_embeddings,
+            tie_embeddings=config.tie_embeddings,
         )
 
     @classmethod
@@ -173,9 +170,9 @@ def _gemma3_text(raw: dict, name: str) -> Architecture:
         attention_sinks=False,
         qk_norm=True,
         norms_per_layer=4,
-        mlp_bias=False,
+        expert_bias=False,
         router_bias=False,
-        tied_embeddings=raw["tie_word_embeddings"],
+        tie_embeddings=raw["tie_word_embeddings"],
     )
 
 

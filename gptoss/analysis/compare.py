@@ -59,8 +59,8 @@ def params(arch: Architecture) -> Params:
     if arch.qk_norm:
         attention += 2 * arch.head_dim
     router = arch.num_experts * (h + 1 if arch.router_bias else h)
-    mlp_unit = _gated_mlp(h, arch.intermediate_size, arch.mlp_bias)
-    shared = _gated_mlp(h, arch.shared_expert_intermediate, arch.mlp_bias) if arch.shared_expert_intermediate else 0
+    mlp_unit = _gated_mlp(h, arch.intermediate_size, arch.expert_bias)
+    shared = _gated_mlp(h, arch.shared_expert_intermediate, arch.expert_bias) if arch.shared_expert_intermediate else 0
     if arch.is_moe:
         mlp_total, mlp_active = arch.num_experts * mlp_unit + shared, arch.experts_per_token * mlp_unit + shared
     else:
@@ -73,7 +73,7 @@ def params(arch: Architecture) -> Params:
         "router": layers * router,
         "mlp": layers * mlp_total,
         "norms": layers * arch.norms_per_layer * h + h,  # + the final norm
-        "unembedding": 0 if arch.tied_embeddings else table,
+        "unembedding": 0 if arch.tie_embeddings else table,
     }
     active = {**total, "embedding": 0, "mlp": layers * mlp_active, "unembedding": table}
     return Params(total, active)
@@ -92,8 +92,10 @@ def _visible_positions(arch: Architecture, context: int) -> int:
     return sum(min(context, arch.sliding_window) if t == SLIDING else context for t in arch.layer_types)
 
 
-def kv_cache_bytes(arch: Architecture, context: int) -> int:
-    """The KV cache of one sequence of `context` tokens; sliding layers keep only their window."""
+def windowed_kv_bytes(arch: Architecture, context: int) -> int:
+    """The textbook KV cache of one sequence of `context` tokens: sliding layers keep exactly their window
+    (what a model needs at least; `gptoss.generation.cache.allocated_kv_bytes` is what gptoss allocates,
+    the window plus a prefill chunk)."""
     return kv_bytes_per_position(arch) * _visible_positions(arch, context)
 
 
@@ -170,7 +172,7 @@ def report(archs: list[Architecture], contexts: list[int]) -> dict:
             "kv_cache_bytes": {
                 "per_token_all_layers": kv_bytes_per_position(arch) * arch.num_layers,
                 "per_token_full_layers": kv_bytes_per_position(arch) * arch.num_full,
-                "at_context": {str(c): kv_cache_bytes(arch, c) for c in contexts},
+                "at_context": {str(c): windowed_kv_bytes(arch, c) for c in contexts},
             },
             "flops_per_token": flops,
             "weight_bytes_read_per_token": {f.name: weight_bytes(arch, f, per_token=True) for f in WEIGHT_FORMATS},
@@ -232,7 +234,7 @@ def _sections(rep: dict) -> list[tuple[str, list[Row]]]:
             ("layers sliding / full",
              lambda m: f"{m['architecture']['sliding_layers']} / {m['architecture']['full_layers']}"),
             ("extras", lambda m: extras(m["architecture"])),
-            ("embeddings", lambda m: "tied" if m["architecture"]["tied_embeddings"] else "untied"),
+            ("embeddings", lambda m: "tied" if m["architecture"]["tie_embeddings"] else "untied"),
             ("vocabulary", lambda m: f"{m['architecture']['vocab_size']:,}"),
         ]),
         ("Parameters (active: per token, embedding lookup not counted)", [
@@ -305,7 +307,7 @@ def plot(archs: list[Architecture], contexts: list[int], path: str | Path) -> No
     xs = sorted({2 ** k for k in range(6, top.bit_length())} | set(contexts) | {top})
     for arch in archs:
         window = f", window {arch.sliding_window}" if arch.num_sliding else ""
-        kv_ax.plot(xs, [kv_cache_bytes(arch, x) / 2 ** 30 for x in xs], marker=".",
+        kv_ax.plot(xs, [windowed_kv_bytes(arch, x) / 2 ** 30 for x in xs], marker=".",
                    label=f"{arch.name} ({arch.attention_pattern()}{window})")
     for c in contexts:
         kv_ax.axvline(c, color="grey", lw=0.6, ls=":")

@@ -7,7 +7,6 @@ a builder for conversations (`Chat`), prompt rendering and stop tokens, and a st
 
 from __future__ import annotations
 
-import codecs
 import datetime
 import functools
 import itertools
@@ -19,7 +18,7 @@ from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyEncod
                             Message, ReasoningEffort, Role, StreamableParser, SystemContent, TextContent,
                             ToolDescription, load_harmony_encoding)
 
-from gptoss.chat.tokenizer import (HARMONY_SPECIAL_TOKENS, NUM_TEXT_TOKENS, VOCAB_FILE, VOCAB_SHA256,
+from gptoss.chat.tokenizer import (HARMONY_SPECIAL_TOKENS, NUM_TEXT_TOKENS, VOCAB_FILE, VOCAB_SHA256, TextDecoder,
                                    VocabError, get_tokenizer, prepare_harmony_vocab)
 from gptoss.errors import GptossError
 
@@ -230,7 +229,7 @@ class StreamParser:
         self._encoding = get_encoding()
         self._tokenizer = get_tokenizer()
         self._messages: list[ParsedMessage] = []
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # for salvaged text
+        self._decoder = TextDecoder()  # for salvaged text
         # openai-harmony's parser for the current message, or None while salvaging one. With a parser:
         # reading a header while _header is a list, reading content while _current is set, else
         # waiting for <|start|>.
@@ -320,15 +319,14 @@ class StreamParser:
 
     def _feed_salvaged(self, token: int, events: list[Event]) -> None:
         if token != START and token not in END_OF_MESSAGE:
-            text_bytes = self._tokenizer.decode_single_token_bytes(token) if 0 <= token < NUM_TEXT_TOKENS else b""
-            self._emit(self._decoder.decode(text_bytes), events)
+            self._emit(self._decoder.feed(token), events)
             return
         self._close_salvaged(events)
         if token == START:
             self._advance(token, events)  # a fresh parser waiting for <|start|> always accepts it
 
     def _close_salvaged(self, events: list[Event]) -> None:
-        self._emit(self._decoder.decode(b"", final=True), events)
+        self._emit(self._decoder.flush(), events)
         self._parser = StreamableParser(self._encoding, None)
         if self._current.announced:
             self._end_message(self._current.to_message(), events)

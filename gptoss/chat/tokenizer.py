@@ -7,6 +7,7 @@ ship the file (gptoss/chat/data/o200k_base.tiktoken) and point both libraries at
 
 from __future__ import annotations
 
+import codecs
 import functools
 import os
 from pathlib import Path
@@ -56,6 +57,7 @@ HARMONY_SPECIAL_TOKENS = _NAMED_SPECIAL_TOKENS | {
     f"<|reserved_{i}|>": i
     for i in (200000, 200001, 200004, 200009, 200010, 200011, *range(200013, 201088))
 }
+SPECIAL_TOKEN_IDS = frozenset(HARMONY_SPECIAL_TOKENS.values())
 
 
 class VocabError(GptossError):
@@ -97,3 +99,36 @@ def prepare_harmony_vocab() -> Path:
         return Path(chosen)
     os.environ[HARMONY_VOCAB_ENV] = str(VOCAB_DIR)
     return VOCAB_DIR
+
+
+class TextDecoder:
+    """Generated token ids -> text, token by token. A character whose UTF-8 bytes are split across
+    tokens comes out whole, with the token that completes it; bytes that never complete a character
+    come out as U+FFFD at `flush()`.
+
+    specials: what a special token (an id from NUM_TEXT_TOKENS up: <|start|>, <|channel|>, the stop
+    tokens, ...) contributes: "drop", nothing (gptoss's choice everywhere, as vLLM's default
+    skip_special_tokens), or "text", its name ("<|channel|>"). A dropped special token leaves a
+    character in progress intact.
+    """
+
+    SPECIAL_POLICIES = ("drop", "text")
+
+    def __init__(self, specials: str = "drop"):
+        if specials not in self.SPECIAL_POLICIES:
+            raise ValueError(f"specials must be one of {self.SPECIAL_POLICIES}, got {specials!r}")
+        self.specials = specials
+        self._tokenizer = get_tokenizer()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        """The text that `token` completes (often "", for a token ending inside a character)."""
+        if 0 <= token < NUM_TEXT_TOKENS:
+            return self._utf8.decode(self._tokenizer.decode_single_token_bytes(token))
+        if self.specials == "text" and token in SPECIAL_TOKEN_IDS:
+            return self._utf8.decode(self._tokenizer.decode_single_token_bytes(token))
+        return ""
+
+    def flush(self) -> str:
+        """What is left at the end: U+FFFD for a character cut off, else ""."""
+        return self._utf8.decode(b"", final=True)

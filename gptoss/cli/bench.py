@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import resource
+import time
 from pathlib import Path
 
+import torch
+
 from gptoss.cli.options import DTYPES, add_model_options, parse_ints
-from gptoss.generation.benchmark import run_benchmark
+from gptoss.generation.benchmark import bytes_per_decoded_token, decode_seconds, prefill_seconds, read_all_weights
 from gptoss.generation.cache import PREFILL_CHUNK
+from gptoss.kernels import cpu_kernels
+from gptoss.weights.checkpoint import load_model
 from gptoss.weights.hub import resolve_model
 
 
@@ -40,3 +46,35 @@ def run(args) -> int:
     for name, value in rows:
         print(f"  {name:<18} {value}")
     return 0
+
+
+def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = None, chunk: int = PREFILL_CHUNK,
+                  kernels: bool = True, dtype: torch.dtype | None = None, int8_dense: bool = False) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = load_model(path, dtype=dtype, kernels=kernels, int8_dense=int8_dense)
+    map_s = time.perf_counter() - start
+    read_all_weights(model)
+    load_s = time.perf_counter() - start
+    prefill_seconds(model, min(prompt_lens + [chunk]), chunk, seed=1)  # warm-up: faults the mapped weights in
+    prefill = {}
+    for length in prompt_lens:
+        seconds, (cache, logits) = prefill_seconds(model, length, chunk, room=gen)
+        prefill[str(length)] = length / seconds
+    decode_s = decode_seconds(model, cache, logits, gen)
+    per_token = bytes_per_decoded_token(model)
+    return {
+        "model": str(path),
+        "threads": torch.get_num_threads(),
+        "kernels": model.kernels and cpu_kernels() is not None,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "int8_dense": int8_dense,
+        "load_s": load_s,
+        "map_s": map_s,
+        "prefill_tok_s": prefill,
+        "decode_tok_s": gen / decode_s,
+        "decode_gb_per_token": per_token / 1e9,
+        "decode_gb_s": per_token * gen / decode_s / 1e9,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }

@@ -6,13 +6,13 @@ import argparse
 import sys
 
 from gptoss.errors import GptossError
-from gptoss.cli import bench, chat, checkpoint_commands, compare, generate_commands, serve, study
+from gptoss.cli import bench, chat, checkpoint_commands, compare, generate, kv_cache, serve, study
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="GPT-OSS models in plain PyTorch")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (checkpoint_commands, generate_commands, chat, serve, bench, compare, study):
+    for module in (checkpoint_commands, generate, kv_cache, chat, serve, bench, compare, study):
         module.register(subparsers)
     return parser
 

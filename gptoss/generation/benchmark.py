@@ -1,16 +1,14 @@
-"""What `gptoss bench` measures: load time, prefill and decode speed, bytes per decoded token, peak RSS."""
+"""What `gptoss bench` measures on a loaded model: prefill and decode speed, bytes per decoded token."""
 
 from __future__ import annotations
 
 import itertools
-import resource
 import time
 
 import torch
 
 from gptoss.generation.cache import PREFILL_CHUNK, KVCache
 from gptoss.model.transformer import Transformer
-from gptoss.weights.checkpoint import load_model
 
 
 def bytes_per_decoded_token(model: Transformer) -> int:
@@ -56,35 +54,3 @@ def decode_seconds(model: Transformer, cache: KVCache, logits: torch.Tensor, ste
     for _ in range(steps):
         token = model(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
     return time.perf_counter() - start
-
-
-def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = None, chunk: int = PREFILL_CHUNK,
-                  kernels: bool = True, dtype: torch.dtype | None = None, int8_dense: bool = False) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
-    start = time.perf_counter()
-    model = load_model(path, dtype=dtype, kernels=kernels, int8_dense=int8_dense)
-    map_s = time.perf_counter() - start
-    read_all_weights(model)
-    load_s = time.perf_counter() - start
-    prefill_seconds(model, min(prompt_lens + [chunk]), chunk, seed=1)  # warm-up: faults the mapped weights in
-    prefill = {}
-    for length in prompt_lens:
-        seconds, (cache, logits) = prefill_seconds(model, length, chunk, room=gen)
-        prefill[str(length)] = length / seconds
-    decode_s = decode_seconds(model, cache, logits, gen)
-    per_token = bytes_per_decoded_token(model)
-    return {
-        "model": str(path),
-        "threads": torch.get_num_threads(),
-        "kernels": any(b.mlp.experts.use_kernel for b in model.model.layers),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "int8_dense": int8_dense,
-        "load_s": load_s,
-        "map_s": map_s,
-        "prefill_tok_s": prefill,
-        "decode_tok_s": gen / decode_s,
-        "decode_gb_per_token": per_token / 1e9,
-        "decode_gb_s": per_token * gen / decode_s / 1e9,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-    }

@@ -47,9 +47,11 @@ class CacheGeometry:
                    num_full=cfg.num_layers - num_sliding, num_sliding=num_sliding)
 
 
-def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, chunk: int = PREFILL_CHUNK,
-                   dtype_bytes: int = 2) -> dict:
-    """The cache's K and V bytes for `batch` sequences of `context` tokens, per layer kind and in total."""
+def allocated_kv_bytes(cfg: ModelConfig, context: int, batch: int = 1, chunk: int = PREFILL_CHUNK,
+                       dtype_bytes: int = 2) -> dict:
+    """The K and V bytes a KVCache allocates for `batch` sequences of `context` tokens, per layer kind and in
+    total (sliding layers: window - 1 + chunk slots; `gptoss.analysis.compare.windowed_kv_bytes` is the
+    textbook figure, exactly the window)."""
     geo = CacheGeometry.of(cfg, context, chunk)
     per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes * batch  # K and V
     full = geo.num_full * geo.full_slots * per_slot

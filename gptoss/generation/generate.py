@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import codecs
 import numbers
 from typing import Iterator, Sequence
 
 import torch
 
+from gptoss.chat.tokenizer import TextDecoder
 from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache
 from gptoss.generation.sampling import SamplingParams, sample
+from gptoss.generation.stopping import StopRule
 from gptoss.model.transformer import Transformer
 
 
@@ -34,8 +35,7 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ContextError("every prompt needs at least one token")
-    if max_new_tokens < 0:
-        raise ContextError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    rule = StopRule(max_new_tokens, stop_tokens)
     longest = max(len(p) for p in prompts)
     context = longest + max_new_tokens
     if context > model.config.max_context:
@@ -54,13 +54,11 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
         logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache, last_only=True)
     generator = params.generator(device)
     stopped = [False] * len(prompts)
-    stop = set(stop_tokens)
-    for step in range(max_new_tokens):
+    for count in range(1, max_new_tokens + 1):
         tokens = sample(logits[:, -1], params, generator).tolist()
-        out = [None if done else t for t, done in zip(tokens, stopped)]
-        stopped = [done or t in stop for t, done in zip(tokens, stopped)]
-        yield out
-        if all(stopped) or step == max_new_tokens - 1:
+        yield [None if done else t for t, done in zip(tokens, stopped)]
+        stopped = [done or rule.finish_reason(t, count) is not None for t, done in zip(tokens, stopped)]
+        if all(stopped):
             return
         logits = model(torch.tensor(tokens, device=device)[:, None], cache=cache, last_only=True)
 
@@ -78,14 +76,10 @@ def stream_text(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: i
     """Yields (token, text) as tokens come: the text each token completes, decoded incrementally so a
     character split across tokens appears whole, with the token that finishes it. Special tokens carry
     no text. A character left incomplete when generation stops comes last, as (None, U+FFFD)."""
-    from gptoss.chat.tokenizer import NUM_TEXT_TOKENS, get_tokenizer
-
-    tokenizer = get_tokenizer()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder = TextDecoder()
     for token in stream(model, prompt_ids, max_new_tokens, params, stop_tokens, chunk):
-        special = token >= NUM_TEXT_TOKENS
-        yield token, "" if special else decoder.decode(tokenizer.decode_single_token_bytes(token))
-    if tail := decoder.decode(b"", final=True):
+        yield token, decoder.feed(token)
+    if tail := decoder.flush():
         yield None, tail
 
 

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-SOURCES = [Path(__file__).with_name("mxfp4_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("moe.cpp", "gemv.cpp", "attention.cpp", "module.cpp")]
 
 
 @functools.cache

@@ -10,6 +10,7 @@ compare it with (a Qwen3-MoE block, a Gemma-3-style 5:1 `sliding_pattern`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -82,15 +83,9 @@ class ModelConfig:
                  "intermediate_size", "max_context")
         for size in sizes:
             need(getattr(self, size) >= 1, f"{size} must be positive, got {getattr(self, size)}")
-        need(len(self.layer_types) == self.num_layers,
-             f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-        need(set(self.layer_types) <= {SLIDING, FULL}, f"unknown layer type in {sorted(set(self.layer_types))}")
-        need(self.num_heads % self.num_kv_heads == 0,
-             f"{self.num_heads} query heads do not divide into {self.num_kv_heads} KV heads")
+        check_geometry(need, self.num_layers, self.layer_types, self.num_heads, self.num_kv_heads, self.sliding_window,
+                       self.num_experts, self.experts_per_token)
         need(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
-        need(1 <= self.experts_per_token <= self.num_experts,
-             f"experts_per_token {self.experts_per_token} must be within 1..{self.num_experts}")
-        need(self.sliding_window >= 1, f"sliding_window {self.sliding_window} must be positive")
         need(self.router in ROUTERS, f"router {self.router!r} is not one of {', '.join(ROUTERS)}")
         need(self.normalize_topk or self.router != "topk_softmax",
              "router 'topk_softmax' always normalises its top-k weights: normalize_topk must be True")
@@ -169,9 +164,11 @@ class ModelConfig:
             "num_key_value_heads": self.num_kv_heads,
             "num_local_experts": self.num_experts,
             "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": {
+            "rope_theta": self.rope_theta,
+            # The published form (rope_theta beside it), which transformers reads in every version since
+            # gpt-oss came out; transformers 5 turns it into its rope_parameters.
+            "rope_scaling": {
                 "rope_type": "yarn" if self.rope_scaling_factor > 1 else "default",
-                "rope_theta": self.rope_theta,
                 "factor": self.rope_scaling_factor,
                 "beta_fast": self.rope_beta_fast,
                 "beta_slow": self.rope_beta_slow,
@@ -302,6 +299,18 @@ class ModelConfig:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         raise ConfigError(f"{path}: neither a Hugging Face gpt_oss config nor an OpenAI original/ config")
+
+
+def check_geometry(need: Callable[[bool, str], None], num_layers: int, layer_types: tuple[str, ...], num_heads: int,
+                   num_kv_heads: int, sliding_window: int, num_experts: int, experts_per_token: int) -> None:
+    """The checks that `ModelConfig` and the comparison's `Architecture` share; `need(ok, message)` raises
+    its caller's error when not ok. num_experts 0 means a dense MLP (Architecture only)."""
+    need(len(layer_types) == num_layers, f"layer_types has {len(layer_types)} entries for {num_layers} layers")
+    need(set(layer_types) <= {SLIDING, FULL}, f"unknown layer type in {sorted(set(layer_types))}")
+    need(SLIDING not in layer_types or sliding_window >= 1, f"sliding_window {sliding_window} must be positive")
+    need(num_heads % num_kv_heads == 0, f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
+    need(num_experts == 0 or 1 <= experts_per_token <= num_experts,
+         f"experts_per_token {experts_per_token} must be within 1..{num_experts}")
 
 
 def sliding_pattern(num_layers: int, local_per_global: int) -> tuple[str, ...]:

@@ -3,7 +3,9 @@
 Parameter names follow the Hugging Face checkpoint (`model.layers.N.self_attn.q_proj.weight`, ...)
 so that loading is one loop over `state_dict()`. The config's comparison fields (no biases or
 sinks, QK-norm, Qwen3's router and SwiGLU, tied embeddings) drop or add parameters without
-renaming the others. Shapes in comments use
+renaming the others. The three heavy ops (linear layers, the experts, attention) go through
+`gptoss.kernels.ops`, which computes them by their PyTorch reference or a faster kernel; the model
+never knows which. Shapes in comments use
 B batch, T new tokens, S keys, H hidden, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim,
 E experts, I expert intermediate size.
 """
@@ -16,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptoss.kernels import cpu_kernels
-from gptoss.kernels.ops import fused_experts, kernel_applies, linear, linear_int8
-from gptoss.model.attention import attend
+from gptoss.kernels import ops
+from gptoss.kernels.experts import Activation
 from gptoss.model.config import ModelConfig
-from gptoss.weights import int8, mxfp4
+from gptoss.quant import mxfp4
+from gptoss.quant.int8 import Int8Weight
 
 
 class RMSNorm(nn.Module):
@@ -38,24 +40,17 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that takes the GEMV kernels at decode once `use_kernel` is set (Transformer.use_kernels),
-    and whose weight can be turned into int8 blocks (`to_int8`: buffers weight_int8 and weight_scales)."""
+    """nn.Linear computed by `ops.linear`, whose weight can be replaced by int8 blocks (`hold_int8`:
+    buffers weight_int8 and weight_scales)."""
 
-    use_kernel = False
-
-    def to_int8(self) -> None:
-        values, scales = int8.quantize(self.weight.detach())
-        int8.release_pages(self.weight)
+    def hold_int8(self, weight: Int8Weight) -> None:
         del self.weight
-        self.register_buffer("weight_int8", values)
-        self.register_buffer("weight_scales", scales)
+        self.register_buffer("weight_int8", weight.values)
+        self.register_buffer("weight_scales", weight.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "weight_int8"):
-            if self.use_kernel:
-                return linear_int8(x, self.weight_int8, self.weight_scales, self.bias)
-            return F.linear(x, int8.dequantize(self.weight_int8, self.weight_scales, x.dtype), self.bias)
-        return linear(x, self.weight, self.bias) if self.use_kernel else F.linear(x, self.weight, self.bias)
+        weight = Int8Weight(self.weight_int8, self.weight_scales) if hasattr(self, "weight_int8") else self.weight
+        return ops.linear(x, weight, self.bias)
 
 
 class RotaryEmbedding(nn.Module):
@@ -117,7 +112,6 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         # One learned logit per query head, or none.
         self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attention_sinks else None
-        self.use_kernel = False  # set by Transformer.use_kernels(): the C++ attention kernel at decode
 
     def forward(self, x, cos, sin, positions, cache=None):
         B, T, _ = x.shape
@@ -133,21 +127,19 @@ class Attention(nn.Module):
             k, v, k_pos = cache.update(self.layer, k, v)
 
         q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)                # [B, Hkv, G, T, D]
-        out = attend(q, k, v, positions, k_pos, self.window, self.sinks, self.use_kernel)   # [B, Hkv, G, T, D]
+        out = ops.attend(q, k, v, positions, k_pos, self.window, self.sinks)   # [B, Hkv, G, T, D]
         return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.num_heads * D))
 
 
 class Experts(nn.Module):
-    """E expert MLPs, weights [E, out, in]: either dense parameters or MXFP4 blocks and scales.
-
-    MXFP4 weights stay packed; the reference path dequantizes one expert at a time when it is used.
-    """
+    """E expert MLPs, weights [E, out, in]: either dense parameters or MXFP4 blocks and scales, which
+    stay packed (`ops.experts` decodes them where they are used)."""
 
     def __init__(self, cfg: ModelConfig, quantized: bool):
         super().__init__()
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.quantized = quantized
-        self.activation, self.alpha, self.limit = cfg.expert_activation, cfg.swiglu_alpha, cfg.swiglu_limit
+        self.activation = Activation(cfg.expert_activation, cfg.swiglu_alpha, cfg.swiglu_limit)
         for name, (rows, cols) in {"gate_up_proj": (2 * I, H), "down_proj": (H, I)}.items():
             if quantized:
                 self.register_buffer(f"{name}_blocks", torch.zeros(E, rows, cols // mxfp4.BLOCK, 16, dtype=torch.uint8))
@@ -156,39 +148,17 @@ class Experts(nn.Module):
                 self.register_parameter(name, nn.Parameter(torch.zeros(E, rows, cols)))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I)) if cfg.expert_bias else None
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H)) if cfg.expert_bias else None
-        self.use_kernel = False  # set by Transformer.use_kernels(): the fused MXFP4 kernel instead of this reference
 
-    def weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        """The [out, in] weight of one expert in `dtype`."""
+    def weight(self, name: str) -> torch.Tensor | mxfp4.MXFP4Weight:
+        """The [E, out, in] weight `name` ("gate_up_proj" or "down_proj"), dense or packed."""
         if self.quantized:
-            return mxfp4.dequantize(getattr(self, f"{name}_blocks")[expert], getattr(self, f"{name}_scales")[expert], dtype)
-        return getattr(self, name)[expert].to(dtype)
-
-    def bias(self, name: str, expert: int) -> torch.Tensor | None:
-        b = getattr(self, f"{name}_bias")
-        return None if b is None else b[expert]
-
-    def swiglu(self, h: torch.Tensor) -> torch.Tensor:
-        """h [N, 2I] -> [N, I]. GPT-OSS: clamped SwiGLU on interleaved columns, gate = h[..., 0::2],
-        linear = h[..., 1::2]. Qwen3 ("swiglu"): silu(gate) * up on the halves [gate | up]."""
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        gate = h[..., 0::2].clamp(max=self.limit)
-        linear = h[..., 1::2].clamp(-self.limit, self.limit)
-        return gate * torch.sigmoid(self.alpha * gate) * (linear + 1)
+            return mxfp4.MXFP4Weight(getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales"))
+        return getattr(self, name)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         """x [N, H], expert_ids and expert_weights [N, k] -> [N, H], the weighted sum over the k experts."""
-        if self.use_kernel and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
-            return fused_experts(self, x, expert_ids, expert_weights)
-        out = torch.zeros_like(x)
-        for expert in expert_ids.unique().tolist():
-            token, slot = (expert_ids == expert).nonzero(as_tuple=True)
-            h = F.linear(x[token], self.weight("gate_up_proj", expert, x.dtype), self.bias("gate_up_proj", expert))
-            y = F.linear(self.swiglu(h), self.weight("down_proj", expert, x.dtype), self.bias("down_proj", expert))
-            out.index_add_(0, token, y * expert_weights[token, slot, None].to(x.dtype))
-        return out
+        return ops.experts(x, expert_ids, expert_weights, self.weight("gate_up_proj"), self.gate_up_proj_bias,
+                           self.weight("down_proj"), self.down_proj_bias, self.activation)
 
 
 class MoE(nn.Module):
@@ -238,27 +208,20 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:  # one [V, H] matrix both reads tokens in and scores them out
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg)
+        self.kernels = False  # see use_kernels
 
     def use_kernels(self, enabled: bool = True) -> "Transformer":
-        """Switches the experts to the fused MXFP4 CPU kernel where it applies, the linear layers to the
-        GEMV kernels and decode attention to its kernel (see gptoss.kernels)."""
-        for block in self.model.layers:
-            block.mlp.experts.use_kernel = enabled and kernel_applies(block.mlp.experts)
-        for module in self.modules():
-            if isinstance(module, (Linear, Attention)):
-                module.use_kernel = enabled and cpu_kernels() is not None
+        """Lets `gptoss.kernels.ops` take the C++ kernels where they apply (False: the PyTorch reference)."""
+        self.kernels = enabled
         return self
 
-    def dense_to_int8(self) -> "Transformer":
-        """The attention projections and the unembedding to int8 blocks (gptoss.weights.int8): decode
-        reads 1.125 bytes a weight there instead of 2. A tied unembedding stays as it is (it is also the
-        embedding table)."""
-        for block in self.model.layers:
-            for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj):
-                proj.to_int8()
-        if not self.config.tie_embeddings:
-            self.lm_head.to_int8()
-        return self
+    def int8_layers(self) -> list[Linear]:
+        """The layers the optional int8 format applies to: the attention projections and the unembedding,
+        which a decode step reads at 1.125 bytes a weight instead of 2 in int8 blocks. A tied unembedding
+        stays as it is (it is also the embedding table)."""
+        layers = [proj for block in self.model.layers for proj in
+                  (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj)]
+        return layers if self.config.tie_embeddings else layers + [self.lm_head]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -283,10 +246,11 @@ class Transformer(nn.Module):
                 positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         if cache is not None:
             cache.begin(positions)
-        cos, sin = self.rope(positions)
-        x = self.model.embed_tokens(input_ids)
-        for block in self.model.layers:
-            x = block(x, cos, sin, positions, cache)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x)).float()
+        with ops.using_kernels(self.kernels):
+            cos, sin = self.rope(positions)
+            x = self.model.embed_tokens(input_ids)
+            for block in self.model.layers:
+                x = block(x, cos, sin, positions, cache)
+            if last_only:
+                x = x[:, -1:]
+            return self.lm_head(self.model.norm(x)).float()

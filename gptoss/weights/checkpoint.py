@@ -8,7 +8,9 @@ memory-mapped tensors to it, so the weights are never held twice.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import re
 import sys
 from dataclasses import dataclass
@@ -22,9 +24,9 @@ from tqdm import tqdm
 from gptoss.errors import GptossError
 from gptoss.model.config import ConfigError, ModelConfig, read_config_json
 from gptoss.model.transformer import Transformer
-from gptoss.weights import mxfp4
-from gptoss.weights.layout import (HF, ORIGINAL, ORIGINAL_BLOCK_NAMES, ORIGINAL_FUSED_QKV, ORIGINAL_GLOBAL_NAMES,
-                                   checkpoint_tensor_specs, is_dense_expert, is_norm)
+from gptoss.quant import mxfp4
+from gptoss.quant.int8 import Int8Weight
+from gptoss.weights.layout import HF, ORIGINAL, checkpoint_plan, checkpoint_tensor_specs, is_norm
 
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -69,23 +71,8 @@ class Checkpoint:
 
     def model_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(our state_dict name, tensor) pairs, renamed, split or transposed from the stored layout."""
-        if self.layout == HF:
-            for name in self.tensors:
-                t = self.tensor(name)
-                # transformers' save_pretrained writes dense experts as [E, in, out]; we keep [E, out, in].
-                yield name, t.transpose(1, 2) if is_dense_expert(name) else t
-            return
-        cfg = self.config
-        for orig, ours in ORIGINAL_GLOBAL_NAMES.items():
-            yield ours, self.tensor(orig)
-        for i in range(cfg.num_layers):
-            for orig, ours in ORIGINAL_BLOCK_NAMES.items():
-                yield f"model.layers.{i}.{ours}", self.tensor(f"block.{i}.{orig}")
-            for orig, kind in ORIGINAL_FUSED_QKV.items():
-                q, k, v = self.tensor(f"block.{i}.{orig}").split(
-                    [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim])
-                for proj, part in zip("qkv", (q, k, v)):
-                    yield f"model.layers.{i}.self_attn.{proj}_proj.{kind}", part
+        for stored in checkpoint_plan(self.config, self.layout, self.quantized):
+            yield from stored.to_ours(self.tensor(stored.name))
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -193,7 +180,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     MXFP4 experts stay packed unless `dequantize_experts` asks for dense experts in `dtype`.
     progress: a progress bar on stderr, one step per tensor.
     kernels: use the fused CPU kernels where they apply (False: the pure-PyTorch reference path).
-    int8_dense: hold the attention projections and the unembedding in int8 blocks (gptoss.weights.int8).
+    int8_dense: hold the attention projections and the unembedding in int8 blocks (gptoss.quant.int8).
     """
     ckpt = open_checkpoint(path)
     dtype = dtype or ckpt.float_dtype
@@ -218,5 +205,23 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     if int8_dense:
-        model.dense_to_int8()
+        for layer in model.int8_layers():
+            bf16 = layer.weight
+            layer.hold_int8(Int8Weight.quantize(bf16.detach()))
+            release_pages(bf16)
     return model.to(device).eval().use_kernels(kernels)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Asks Linux to reclaim the memory pages that lie wholly inside `t` (MADV_PAGEOUT), once a copy in
+    another format has replaced it. A memory-mapped checkpoint keeps the whole file mapped while other
+    tensors of it live, so without this the original would stay resident and counted in the process's
+    RSS. Reclaiming never loses data (a mapped page is read again from its file if touched); where the
+    call is not supported, nothing happens."""
+    if t.device.type != "cpu" or not hasattr(ctypes.CDLL(None), "madvise"):
+        return
+    start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        MADV_PAGEOUT = 21
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)

@@ -1,17 +1,22 @@
 """The two checkpoint layouts GPT-OSS is published in, described once.
 
-`model_tensor_specs` lists the tensors our model holds (Hugging Face names, our shapes);
-`checkpoint_tensor_specs` lists what a checkpoint directory must contain in each layout, and the
-`ORIGINAL_*` tables map OpenAI's `original/` names onto ours. Reading (checkpoint.py) and
-writing (random_checkpoint.py) both work from these tables.
+`model_tensor_specs` lists the tensors our model holds (Hugging Face names, our shapes).
+`checkpoint_plan` lists what a checkpoint directory holds in each layout, tensor by tensor, with how
+each maps onto ours: the same tensor under another name (OpenAI's `original/` names, the `ORIGINAL_*`
+tables), several of ours fused along rows (original/'s attn.qkv), or ours transposed (transformers'
+dense experts). Reading and validating (checkpoint.py) and writing (random_checkpoint.py) all work
+from that plan.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
+
+import torch
 
 from gptoss.model.config import ConfigError, ModelConfig
-from gptoss.weights import mxfp4
+from gptoss.quant import mxfp4
 
 HF, ORIGINAL = "hf", "original"
 LAYOUTS = (HF, ORIGINAL)
@@ -88,24 +93,56 @@ ORIGINAL_BLOCK_NAMES = {
 ORIGINAL_FUSED_QKV = {"attn.qkv.weight": "weight", "attn.qkv.bias": "bias"}
 
 
-def checkpoint_tensor_specs(cfg: ModelConfig, layout: str, quantized_experts: bool) -> dict[str, TensorSpec]:
-    """What a checkpoint directory of `layout` holds for `cfg`, by the checkpoint's own names."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as a checkpoint stores it (`name`, `spec`) and the tensors of ours it holds: one, or
+    several stacked along rows (`rows` of each), or one transposed from [E, in, out] to [E, out, in]."""
+
+    name: str
+    spec: TensorSpec
+    ours: tuple[str, ...]
+    rows: tuple[int, ...] = ()
+    transposed: bool = False
+
+    def to_ours(self, stored: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """(our name, tensor) for each of ours, as views of the stored tensor (nothing is copied)."""
+        if self.transposed:
+            yield self.ours[0], stored.transpose(1, 2)
+        elif self.rows:
+            yield from zip(self.ours, stored.split(list(self.rows)))
+        else:
+            yield self.ours[0], stored
+
+    def from_ours(self, ours: list[torch.Tensor]) -> torch.Tensor:
+        """The stored tensor made from ours (in the order of `self.ours`)."""
+        if self.transposed:
+            return ours[0].transpose(1, 2)
+        return torch.cat(ours) if self.rows else ours[0]
+
+
+def checkpoint_plan(cfg: ModelConfig, layout: str, quantized_experts: bool) -> list[StoredTensor]:
+    """What a checkpoint directory of `layout` holds for `cfg`, in a natural order."""
     ours = model_tensor_specs(cfg, quantized_experts)
     if layout == HF:
-        if quantized_experts:
-            return ours
-        # transformers writes dense experts transposed, as [E, in, out].
-        return {name: TensorSpec((s.shape[0], s.shape[2], s.shape[1]), s.kind) if is_dense_expert(name) else s
-                for name, s in ours.items()}
+        # transformers' save_pretrained writes dense experts as [E, in, out]; we keep [E, out, in].
+        return [StoredTensor(name, TensorSpec((s.shape[0], s.shape[2], s.shape[1]), s.kind), (name,), transposed=True)
+                if is_dense_expert(name) else StoredTensor(name, s, (name,)) for name, s in ours.items()]
     if not quantized_experts:
         raise ValueError("OpenAI's original layout stores experts in MXFP4 only")
-    specs = {orig: ours[name] for orig, name in ORIGINAL_GLOBAL_NAMES.items()}
+    plan = [StoredTensor(orig, ours[name], (name,)) for orig, name in ORIGINAL_GLOBAL_NAMES.items()]
     for i in range(cfg.num_layers):
-        specs |= {f"block.{i}.{orig}": ours[f"model.layers.{i}.{name}"] for orig, name in ORIGINAL_BLOCK_NAMES.items()}
-        qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        specs[f"block.{i}.attn.qkv.weight"] = _float(qkv_rows, cfg.hidden_size)
-        specs[f"block.{i}.attn.qkv.bias"] = _float(qkv_rows)
-    return specs
+        p = f"model.layers.{i}."
+        plan += [StoredTensor(f"block.{i}.{orig}", ours[p + name], (p + name,)) for orig, name in ORIGINAL_BLOCK_NAMES.items()]
+        for orig, kind in ORIGINAL_FUSED_QKV.items():
+            parts = tuple(f"{p}self_attn.{proj}_proj.{kind}" for proj in "qkv")
+            rows = tuple(ours[n].shape[0] for n in parts)
+            plan.append(StoredTensor(f"block.{i}.{orig}", _float(sum(rows), *ours[parts[0]].shape[1:]), parts, rows))
+    return plan
+
+
+def checkpoint_tensor_specs(cfg: ModelConfig, layout: str, quantized_experts: bool) -> dict[str, TensorSpec]:
+    """What a checkpoint directory of `layout` holds for `cfg`, by the checkpoint's own names."""
+    return {t.name: t.spec for t in checkpoint_plan(cfg, layout, quantized_experts)}
 
 
 def is_dense_expert(name: str) -> bool:

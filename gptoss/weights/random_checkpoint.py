@@ -19,8 +19,7 @@ import torch
 from gptoss.errors import GptossError
 from gptoss.model.config import ModelConfig
 from gptoss.weights.checkpoint import INDEX_FILE
-from gptoss.weights.layout import (HF, ORIGINAL_BLOCK_NAMES, ORIGINAL_FUSED_QKV, ORIGINAL_GLOBAL_NAMES,
-                                   TensorSpec, is_norm, model_tensor_specs)
+from gptoss.weights.layout import HF, TensorSpec, checkpoint_plan, is_norm, model_tensor_specs
 
 FP4_RMS = 2.93  # root mean square of the 16 FP4 values, uniformly drawn
 
@@ -79,23 +78,11 @@ def _entries(cfg: ModelConfig, layout: str, seed: int):
     """(checkpoint name, dtype, shape, make) for every tensor of the layout, in a natural order."""
     ours = model_tensor_specs(cfg, quantized_experts=True)
 
-    def entry(stored: str, name: str):
-        spec = ours[name]
-        dtype = torch.uint8 if spec.kind == "uint8" else torch.bfloat16
-        return stored, dtype, spec.shape, lambda: random_tensor(name, spec, seed)
+    def make(stored):
+        return lambda: stored.from_ours([random_tensor(name, ours[name], seed) for name in stored.ours])
 
-    if layout == HF:
-        return [entry(name, name) for name in ours]
-    entries = [entry(orig, name) for orig, name in ORIGINAL_GLOBAL_NAMES.items()]
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        entries += [entry(f"block.{i}.{orig}", p + name) for orig, name in ORIGINAL_BLOCK_NAMES.items()]
-        for orig, kind in ORIGINAL_FUSED_QKV.items():
-            parts = [p + f"self_attn.{proj}_proj.{kind}" for proj in "qkv"]
-            shape = (sum(ours[n].shape[0] for n in parts), *ours[parts[0]].shape[1:])
-            entries.append((f"block.{i}.{orig}", torch.bfloat16, shape,
-                            lambda parts=parts: torch.cat([random_tensor(n, ours[n], seed) for n in parts])))
-    return entries
+    return [(stored.name, torch.uint8 if stored.spec.kind == "uint8" else torch.bfloat16, stored.spec.shape, make(stored))
+            for stored in checkpoint_plan(cfg, layout, quantized_experts=True)]
 
 
 def write_random_checkpoint(cfg: ModelConfig, out: str | Path, layout: str = HF, seed: int = 0,

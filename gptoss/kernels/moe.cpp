@@ -5,7 +5,7 @@
 //
 // x [S, K] holds the activations of S (token, expert) slots, sorted by expert: rows
 // offsets[e] .. offsets[e+1] belong to expert e. W is MXFP4: blocks [E, R, K/32, 16] uint8 and
-// scales [E, R, K/32] uint8 (see gptoss/weights/mxfp4.py for the format). Each weight row is decoded
+// scales [E, R, K/32] uint8 (see gptoss/quant/mxfp4.py for the format). Each weight row is decoded
 // once per group of up to TOKENS slots, so decode (one slot per expert) is a GEMV that streams the
 // weights once and prefill amortises the decoding over the tokens routed to each expert.
 //
@@ -13,34 +13,16 @@
 // int8 per block of 32, weights decoded to int8 by a byte shuffle, vpdpbusd), and a portable fp32
 // loop, exact, for fp32 activations and for CPUs without AVX-512 VNNI.
 //
-// Also here: an AMX path for experts with many slots (prefill); `linear_bf16`, a bf16 GEMV for a few rows
-// of activations against [out, in] weights (attention projections and unembedding at decode), streaming
-// each weight row once with vdpbf16ps; `linear_int8`, the same for the optional int8 format of those
-// layers; and `dequantize_bf16` for the prefill branch that hands many tokens to a bf16 GEMM.
+// Also here: an AMX path for experts with many slots (prefill), and `dequantize_bf16` for the prefill
+// branch that hands many tokens to a bf16 GEMM.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define GPTOSS_AVX512_VNNI 1
-#endif
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define GPTOSS_AVX512_BF16 1
-#endif
+#include "common.h"
 
 namespace {
 
 constexpr int BLOCK = 32;       // values per MXFP4 block
 constexpr int TOKENS = 4;       // slots sharing one decoded weight block (register blocking)
 constexpr int ROWS_PER_TASK = 16;
-constexpr int ROWS = 4;         // weight rows per register tile
 
 const float FP4_VALUES[16] = {+0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +4.0f, +6.0f,
                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
@@ -96,19 +78,7 @@ void rows_f32(const Problem& p, int64_t e, int64_t r0, int64_t r1, const float* 
 // scale / 2.
 
 #ifdef GPTOSS_AVX512_VNNI
-// 8 activations -> 8 int8 steps of absmax / 127 (in qi, as int32; round to nearest, ties to even);
-// returns absmax. Both int8 kernels quantize their activations through this, 8 values at a time.
-inline float quantize_group8(const float* x, int32_t* qi) {
-  const __m256 v = _mm256_loadu_ps(x);
-  __m256 m = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);             // |v|, then the max of the 8
-  m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
-  m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
-  m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
-  const float amax = _mm256_cvtss_f32(m);
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qi), _mm256_cvtps_epi32(_mm256_mul_ps(v, _mm256_set1_ps(inv))));
-  return amax;
-}
+// (quantize_group8, which the int8 GEMV shares, is in common.h.)
 
 // One slot's activations, quantized and laid out for the weight steps: per step q_even and q_odd
 // (64 int8 each: 16 per block), the accumulator start (16 int32) and the per-lane scale (16 fp32).
@@ -203,8 +173,6 @@ void rows_vnni(const Problem& p, int64_t e, int64_t r0, int64_t r1, const std::v
 }
 #endif
 
-}  // namespace
-
 // ---- dequantization to bf16 ---------------------------------------------------------------------
 
 #ifdef GPTOSS_AVX512_BF16
@@ -221,6 +189,8 @@ inline void decode_block_bf16(const uint8_t* b, uint8_t s, at::BFloat16* out) {
   _mm512_storeu_si512(out, values);
 }
 #endif
+
+}  // namespace
 
 // blocks [R, K/32, 16], scales [R, K/32] -> bf16 [R, K]: one expert's weight, for the prefill branch
 // that hands many tokens to torch's bf16 GEMM.
@@ -257,10 +227,8 @@ torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
 // wants), C = 16 rows x 16 slots in fp32, accumulated over all blocks. Decoding dominates, and each
 // decoded panel of 16 rows serves every slot of the expert.
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(GPTOSS_AVX512_BF16)
-#define GPTOSS_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
+#ifdef GPTOSS_AMX
+namespace {
 
 bool amx_granted() {  // Linux hands the tile state to a process only when asked, once
   static const bool granted = [] {
@@ -270,7 +238,11 @@ bool amx_granted() {  // Linux hands the tile state to a process only when asked
   return granted;
 }
 
+}  // namespace
+
 bool amx_available() { return amx_granted(); }
+
+namespace {
 
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -338,6 +310,8 @@ void amx_row_tile(const Problem& p, int64_t e, int64_t rt, const std::vector<at:
           y[(s0 + (j0 + j) * TILE + t) * p.R + r0 + i] = c[(j * TILE + i) * TILE + t];
   }
 }
+
+}  // namespace
 #endif
 
 // ---- grouped matmul over experts -----------------------------------------------------------------
@@ -345,6 +319,8 @@ void amx_row_tile(const Problem& p, int64_t e, int64_t rt, const std::vector<at:
 #ifndef GPTOSS_AMX
 bool amx_available() { return false; }
 #endif
+
+namespace {
 
 void check_mxfp4(const torch::Tensor& blocks, const torch::Tensor& scales, const torch::Tensor& bias) {
   TORCH_CHECK(blocks.dtype() == torch::kUInt8 && scales.dtype() == torch::kUInt8, "MXFP4 blocks/scales must be uint8");
@@ -437,6 +413,8 @@ torch::Tensor grouped_matmul(const torch::Tensor& x32, torch::Tensor blocks, tor
   return y;
 }
 
+}  // namespace
+
 // One grouped matmul as the tests and benchmarks see it: x [S, K] bf16 (fast paths) or fp32 (exact path),
 // slots sorted by expert, offsets [E + 1] int64 -> y [S, R] fp32 (bias added). The AMX and GEMM
 // branches are off unless their slot thresholds are given.
@@ -523,342 +501,4 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor expert_ids, torch::Tens
     }
   });
   return out.to(x.scalar_type());
-}
-
-// ---- bf16 GEMV ------------------------------------------------------------------------------------
-
-#ifdef GPTOSS_AVX512_BF16
-// ROWS weight rows x NT activation rows; 32 values of K per vdpbf16ps, the last step masked.
-template <int NT>
-void gemv_tile(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t N, int64_t r, int nr,
-               const at::BFloat16* bias, at::BFloat16* y) {
-  __m512 acc[ROWS][NT];
-  for (int i = 0; i < ROWS; ++i)
-    for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
-  const at::BFloat16* rows[ROWS];
-  for (int i = 0; i < ROWS; ++i) rows[i] = w + (r + std::min(i, nr - 1)) * K;  // short tiles repeat their last row
-  for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
-    __m512bh xv[NT];
-    for (int t = 0; t < NT; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(m, x + t * K + k);
-    for (int i = 0; i < ROWS; ++i) {
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, rows[i] + k);
-      for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], wv, xv[t]);
-    }
-  }
-  for (int i = 0; i < nr; ++i)
-    for (int t = 0; t < NT; ++t)
-      y[t * N + r + i] = at::BFloat16(_mm512_reduce_add_ps(acc[i][t]) + (bias ? float(bias[r + i]) : 0.0f));
-}
-#endif
-
-// x [M, K] bf16 (M <= 4), weight [N, K] bf16, bias [N] bf16 or None -> [M, N] bf16, like F.linear:
-// fp32 accumulation, the bias added in fp32, one rounding. torch's GEMV streams bf16 weights at well
-// under the memory bandwidth on some CPUs; this reads each weight row once, for all M rows of x.
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.is_cpu() && weight.is_cpu() && x.scalar_type() == torch::kBFloat16 &&
-              weight.scalar_type() == torch::kBFloat16, "linear_bf16: bf16 CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(0) <= 4,
-              "linear_bf16: x [M <= 4, K] and weight [N, K]");
-  x = x.contiguous();
-  weight = weight.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  torch::Tensor b = bias.has_value() ? bias->to(torch::kBFloat16).contiguous() : torch::Tensor();
-  TORCH_CHECK(!b.defined() || b.numel() == N, "linear_bf16: bias must be [N]");
-  auto y = torch::empty({M, N}, x.options());
-#ifdef GPTOSS_AVX512_BF16
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
-  const at::BFloat16* bp = b.defined() ? b.data_ptr<at::BFloat16>() : nullptr;
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, (N + ROWS - 1) / ROWS, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t r = tile * ROWS;
-      const int nr = int(std::min<int64_t>(ROWS, N - r));
-      switch (M) {
-        case 1: gemv_tile<1>(xp, wp, K, N, r, nr, bp, yp); break;
-        case 2: gemv_tile<2>(xp, wp, K, N, r, nr, bp, yp); break;
-        case 3: gemv_tile<3>(xp, wp, K, N, r, nr, bp, yp); break;
-        default: gemv_tile<4>(xp, wp, K, N, r, nr, bp, yp); break;
-      }
-    }
-  });
-#else
-  y.copy_(torch::nn::functional::linear(x.to(torch::kFloat32), weight.to(torch::kFloat32),
-                                        b.defined() ? b.to(torch::kFloat32) : torch::Tensor()));
-#endif
-  return y;
-}
-
-// ---- int8 GEMV -----------------------------------------------------------------------------------
-//
-// The optional int8 format of the dense layers (gptoss/weights/int8.py): weight [N, K] int8 with one fp32
-// scale per block of 32 values of a row. Same route as the MXFP4 kernel: activations quantized to int8
-// (one scale per 8 values), vpdpbusd on 64 weights per step. vpdpbusd wants unsigned bytes on one side:
-// flipping the sign bit turns an int8 weight w into the byte w + 128, and the activation side starts each
-// accumulator lane at -128 times its 4 values' sum.
-
-#ifdef GPTOSS_AVX512_VNNI
-struct QuantizedActivations {  // natural order; per 64-value step: 64 int8, 16 lane starts, 16 lane scales
-  std::vector<int8_t> q;
-  std::vector<int32_t> start;
-  std::vector<float> scale;
-};
-
-void quantize_natural(const float* x, int64_t K, QuantizedActivations& a) {
-  const int64_t steps = (K + 63) / 64;
-  a.q.assign(steps * 64, 0);
-  a.start.assign(steps * 16, 0);
-  a.scale.assign(steps * 16, 0.0f);
-  for (int64_t group = 0; group < K / 8; ++group) {
-    int32_t qi[8];
-    const float amax = quantize_group8(x + group * 8, qi);
-    for (int j = 0; j < 8; ++j) a.q[group * 8 + j] = int8_t(qi[j]);
-    for (int half = 0; half < 2; ++half) {  // two int32 lanes of 4 values each
-      const int64_t lane = group * 2 + half;
-      a.start[lane] = -128 * (qi[4 * half] + qi[4 * half + 1] + qi[4 * half + 2] + qi[4 * half + 3]);
-      a.scale[lane] = amax / 127.0f;
-    }
-  }
-}
-
-template <int NT>
-void row_q8(const int8_t* w, const float* wscale, int64_t K, const QuantizedActivations* const* xa, float* acc_out) {
-  const __m512i sign = _mm512_set1_epi8(int8_t(0x80));
-  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  __m512 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-  auto step = [&](int64_t st, __m512i wv, __m128 s2) {
-    const __m512i u = _mm512_xor_si512(wv, sign);
-    const __m512 ws = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(s2));  // lanes 0-7: block 0, 8-15: block 1
-    for (int t = 0; t < NT; ++t) {
-      __m512i dot = _mm512_loadu_si512(xa[t]->start.data() + st * 16);
-      dot = _mm512_dpbusd_epi32(dot, u, _mm512_loadu_si512(xa[t]->q.data() + st * 64));
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, _mm512_loadu_ps(xa[t]->scale.data() + st * 16)), acc[t]);
-    }
-  };
-  const int64_t full = K / 64;
-  for (int64_t st = 0; st < full; ++st)
-    step(st, _mm512_loadu_si512(w + st * 64), _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(wscale + st * 2))));
-  if (K % 64)  // a last half step: one block of 32 (K is a multiple of 32)
-    step(full, _mm512_maskz_loadu_epi8((__mmask64(1) << 32) - 1, w + full * 64), _mm_load_ss(wscale + full * 2));
-  for (int t = 0; t < NT; ++t) acc_out[t] = _mm512_reduce_add_ps(acc[t]);
-}
-#endif
-
-// x [M, K] bf16 (M <= 4), weight [N, K] int8, scales [N, K/32] fp32, bias [N] or None -> [M, N] bf16.
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.is_cpu() && x.scalar_type() == torch::kBFloat16 && x.dim() == 2 && x.size(0) <= 4,
-              "linear_int8: x must be bf16 [M <= 4, K] on the CPU");
-  TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.dim() == 2 && weight.size(1) == x.size(1) &&
-              weight.size(1) % 32 == 0, "linear_int8: weight must be int8 [N, K], K a multiple of 32");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.dim() == 2 && scales.size(0) == weight.size(0) &&
-              scales.size(1) * 32 == weight.size(1), "linear_int8: scales must be fp32 [N, K/32]");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  weight = weight.contiguous();
-  scales = scales.contiguous();
-  const torch::Tensor b = bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
-  TORCH_CHECK(!b.defined() || b.numel() == N, "linear_int8: bias must be [N]");
-  const torch::Tensor x32 = x.to(torch::kFloat32).contiguous();
-  auto y = torch::empty({M, N}, x.options());
-#ifdef GPTOSS_AVX512_VNNI
-  std::vector<QuantizedActivations> xa(M);
-  const QuantizedActivations* xp[4];
-  for (int64_t m = 0; m < M; ++m) quantize_natural(x32.data_ptr<float>() + m * K, K, xa[m]), xp[m] = &xa[m];
-  const int8_t* wp = weight.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    float out[4];
-    for (int64_t r = begin; r < end; ++r) {
-      const int8_t* row = wp + r * K;
-      const float* rs = sp + r * (K / 32);
-      switch (M) {
-        case 1: row_q8<1>(row, rs, K, xp, out); break;
-        case 2: row_q8<2>(row, rs, K, xp, out); break;
-        case 3: row_q8<3>(row, rs, K, xp, out); break;
-        default: row_q8<4>(row, rs, K, xp, out); break;
-      }
-      for (int64_t m = 0; m < M; ++m) yp[m * N + r] = at::BFloat16(out[m] + (bp ? bp[r] : 0.0f));
-    }
-  });
-#else
-  const torch::Tensor w = weight.to(torch::kFloat32).view({N, K / 32, 32}).mul(scales.unsqueeze(-1)).view({N, K});
-  y.copy_(at::linear(x32, w, b));
-#endif
-  return y;
-}
-
-// int8-block weight [N, K] + scales [N, K/32] -> bf16 [N, K], for prefill chunks (then a torch GEMM).
-torch::Tensor dequantize_int8(torch::Tensor values, torch::Tensor scales) {
-  TORCH_CHECK(values.scalar_type() == torch::kInt8 && values.dim() == 2 && values.size(1) % 32 == 0 &&
-              scales.scalar_type() == torch::kFloat32 && scales.dim() == 2 && scales.size(0) == values.size(0) &&
-              scales.size(1) * 32 == values.size(1) && values.is_cpu(),
-              "dequantize_int8: values int8 [N, K] and scales fp32 [N, K/32], on the CPU");
-  values = values.contiguous();
-  scales = scales.contiguous();
-  const int64_t blocks = scales.numel();
-  auto out = torch::empty(values.sizes(), torch::TensorOptions().dtype(torch::kBFloat16));
-  const int8_t* v = values.data_ptr<int8_t>();
-  const float* sc = scales.data_ptr<float>();
-  at::BFloat16* o = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, blocks, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-#ifdef GPTOSS_AVX512_BF16
-      const __m512 s = _mm512_set1_ps(sc[b]);
-      for (int half = 0; half < 2; ++half) {
-        const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + b * 32 + half * 16)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + b * 32 + half * 16),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(q), s)));
-      }
-#else
-      for (int j = 0; j < 32; ++j) o[b * 32 + j] = at::BFloat16(float(v[b * 32 + j]) * sc[b]);
-#endif
-    }
-  });
-  return out;
-}
-
-// ---- attention for a few queries (decode) ---------------------------------------------------------
-//
-// Per (row, KV head): each query position of the row, for each of the G query heads reading that KV
-// head, scores the visible keys only (causal, inside the window, slot filled), softmax with the sink as
-// one more logit, and the weighted sum of values, all in fp32. Skipping invisible keys matters: a
-// sliding layer's ring holds window - 1 + chunk slots of which a decode query sees `window`.
-
-inline void bf16_to_float(const at::BFloat16* x, float* out, int64_t n) {
-  int64_t i = 0;
-#ifdef GPTOSS_AVX512_BF16
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), 16)));
-#endif
-  for (; i < n; ++i) out[i] = float(x[i]);
-}
-
-inline void prefetch_row(const at::BFloat16* x, int64_t n) {
-  for (int64_t i = 0; i < n; i += 32) __builtin_prefetch(x + i, 0, 3);
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float sum = 0.0f;
-#ifdef GPTOSS_AVX512_BF16
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  sum = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-inline void axpy(float w, const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-#ifdef GPTOSS_AVX512_BF16
-  const __m512 wv = _mm512_set1_ps(w);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += w * x[i];
-}
-
-// q [B, Hkv, G, T, D] bf16; k, v [B, S, Hkv, D] bf16 (any strides over B and S); q_pos [B, T], k_pos [B, S]
-// int64 (negative: padding / empty); window <= 0: none; sinks [Hkv * G] or None -> [B, Hkv, G, T, D] bf16.
-torch::Tensor attend_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor q_pos, torch::Tensor k_pos,
-                            int64_t window, c10::optional<torch::Tensor> sinks) {
-  TORCH_CHECK(q.dim() == 5 && k.dim() == 4 && v.sizes() == k.sizes() && q.scalar_type() == torch::kBFloat16 &&
-              k.scalar_type() == torch::kBFloat16 && v.scalar_type() == torch::kBFloat16 && q.is_cpu() && k.is_cpu(),
-              "attend_decode: q [B, Hkv, G, T, D], k and v [B, S, Hkv, D], bf16 on the CPU");
-  const int64_t B = q.size(0), Hkv = q.size(1), G = q.size(2), T = q.size(3), D = q.size(4), S = k.size(1);
-  TORCH_CHECK(D <= 512, "attend_decode: head_dim up to 512");
-  TORCH_CHECK(k.size(0) == B && k.size(2) == Hkv && k.size(3) == D && k.stride(3) == 1 && v.stride(3) == 1,
-              "attend_decode: k, v must be [B, S, Hkv, D] with contiguous D");
-  q = q.contiguous();
-  const torch::Tensor qp = q_pos.to(torch::kInt64).contiguous(), kp = k_pos.to(torch::kInt64).contiguous();
-  const torch::Tensor sk = sinks.has_value() ? sinks->to(torch::kFloat32).contiguous() : torch::Tensor();
-  auto out = torch::empty_like(q);
-  const float scale = 1.0f / std::sqrt(float(D));
-  const at::BFloat16* qd = q.data_ptr<at::BFloat16>();
-  const at::BFloat16* kd = k.data_ptr<at::BFloat16>();
-  const at::BFloat16* vd = v.data_ptr<at::BFloat16>();
-  at::BFloat16* od = out.data_ptr<at::BFloat16>();
-  const int64_t* qpp = qp.data_ptr<int64_t>();
-  const int64_t* kpp = kp.data_ptr<int64_t>();
-  const float* sink = sk.defined() ? sk.data_ptr<float>() : nullptr;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> visible;
-    std::vector<float> scores, acc(G * D), top(G), denominator(G), qf(G * D), vf(D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t pos = qpp[b * T + t];
-        visible.clear();
-        for (int64_t j = 0; j < S; ++j) {
-          const int64_t kpos = kpp[b * S + j];
-          if (pos >= 0 && kpos >= 0 && kpos <= pos && (window <= 0 || pos - kpos < window)) visible.push_back(j);
-        }
-        const int64_t n = int64_t(visible.size());
-        // Scores [n, G]: each key is read once for the G query heads.
-        scores.resize(n * G);
-        for (int64_t g = 0; g < G; ++g) {
-          const at::BFloat16* qg = qd + (((b * Hkv + h) * G + g) * T + t) * D;
-          for (int64_t d = 0; d < D; ++d) qf[g * D + d] = float(qg[d]) * scale;
-          top[g] = sink ? sink[h * G + g] : -INFINITY;
-        }
-        auto key = [&](int64_t i) { return kd + b * k.stride(0) + visible[i] * k.stride(1) + h * k.stride(2); };
-        auto value = [&](int64_t i) { return vd + b * v.stride(0) + visible[i] * v.stride(1) + h * v.stride(2); };
-        constexpr int64_t AHEAD = 16;  // keys and values sit a whole slot apart (Hkv heads): prefetch ahead
-        for (int64_t i = 0; i < n; ++i) {
-          float kf[512];
-          if (i + AHEAD < n) prefetch_row(key(i + AHEAD), D);
-          bf16_to_float(key(i), kf, D);
-          for (int64_t g = 0; g < G; ++g) {
-            const float score = dot(qf.data() + g * D, kf, D);
-            scores[i * G + g] = score;
-            top[g] = std::max(top[g], score);
-          }
-        }
-        // Weighted sum of values, each value read once for the G heads.
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t g = 0; g < G; ++g) denominator[g] = sink ? std::exp(sink[h * G + g] - top[g]) : 0.0f;
-        for (int64_t i = 0; i < n; ++i) {
-          if (i + AHEAD < n) prefetch_row(value(i + AHEAD), D);
-          bf16_to_float(value(i), vf.data(), D);
-          for (int64_t g = 0; g < G; ++g) {
-            const float w = std::exp(scores[i * G + g] - top[g]);
-            denominator[g] += w;
-            axpy(w, vf.data(), acc.data() + g * D, D);
-          }
-        }
-        for (int64_t g = 0; g < G; ++g) {
-          // A query that sees nothing (padding, no sink) gets zeros rather than 0 / 0.
-          const float inv = denominator[g] > 0.0f ? 1.0f / denominator[g] : 0.0f;
-          at::BFloat16* o = od + (((b * Hkv + h) * G + g) * T + t) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = at::BFloat16(acc[g * D + d] * inv);
-        }
-      }
-    }
-  });
-  return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequantize_bf16", &dequantize_bf16, "one expert's MXFP4 weight as bf16 [R, K]");
-  constexpr int64_t never = std::numeric_limits<int64_t>::max();
-  m.def("moe_matmul", &moe_matmul, "MXFP4 grouped matmul over experts (slots sorted by expert)", py::arg("x"),
-        py::arg("blocks"), py::arg("scales"), py::arg("bias"), py::arg("offsets"), py::arg("amx_min_slots") = never,
-        py::arg("gemm_min_slots") = never);
-  m.def("moe_experts", &moe_experts, "GPT-OSS MoE experts: grouped MXFP4 matmuls, clamped SwiGLU, weighted sum");
-  m.def("linear_bf16", &linear_bf16, "bf16 GEMV for up to 4 rows of x");
-  m.def("linear_int8", &linear_int8, "int8-block GEMV for up to 4 rows of x");
-  m.def("attend_decode", &attend_decode, "attention with sinks and a window for a few bf16 queries");
-  m.def("dequantize_int8", &dequantize_int8, "int8-block weight as bf16 [N, K]");
-  m.def("has_vnni", [] {
-#ifdef GPTOSS_AVX512_VNNI
-    return true;
-#else
-    return false;
-#endif
-  }, "whether bf16 activations take the AVX-512 VNNI path (int8 activations) rather than the exact fp32 one");
-  m.def("has_amx", &amx_available, "whether the AMX path can run here (CPU, compiler and OS)");
 }

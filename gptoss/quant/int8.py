@@ -1,5 +1,5 @@
 """Int8 blocks: the optional format of the dense linear layers (attention projections, unembedding),
-chosen at load time (`load_model(..., int8=True)`, `gptoss ... --int8`).
+chosen at load time (`load_model(..., int8_dense=True)`, `gptoss ... --int8`).
 
 Each row of a weight [N, K] is cut into blocks of 32 values that share one fp32 scale, absmax / 127;
 a value is stored as round(w / scale), an int8 in [-127, 127]. 1.125 bytes a weight instead of bf16's
@@ -10,8 +10,7 @@ like llama.cpp's Q8_0 (which has one fp16 scale per 32).
 
 from __future__ import annotations
 
-import ctypes
-import mmap
+from dataclasses import dataclass
 
 import torch
 
@@ -39,16 +38,16 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     return (values.float().view(n, k // BLOCK, BLOCK) * scales.unsqueeze(-1)).view(n, k).to(dtype)
 
 
-def release_pages(t: torch.Tensor) -> None:
-    """Asks Linux to reclaim the memory pages that lie wholly inside `t` (MADV_PAGEOUT), once its int8
-    copy has replaced it. A memory-mapped checkpoint keeps the whole file mapped while other tensors of
-    it live, so without this the bf16 original would stay resident and counted in the process's RSS.
-    Reclaiming never loses data (a mapped page is read again from its file if touched); where the call is
-    not supported, nothing happens."""
-    if t.device.type != "cpu" or not hasattr(ctypes.CDLL(None), "madvise"):
-        return
-    start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-        MADV_PAGEOUT = 21
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
+@dataclass(frozen=True)
+class Int8Weight:
+    """A weight [N, K] held as int8 blocks: values int8 [N, K] and scales fp32 [N, K/32]."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> "Int8Weight":
+        return cls(*quantize(weight))
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return dequantize(self.values, self.scales, dtype)

@@ -1,13 +1,13 @@
-"""Attention with per-head sinks and a sliding window, over key blocks.
+"""Attention with per-head sinks and a sliding window, over key blocks, in PyTorch.
 
 Keys are visited in blocks of `KEY_BLOCK`, so a chunk of queries against a long context never holds a
-[T, S] score matrix or mask for the whole context. Two ways through the blocks, and a C++ kernel for
-decode (gptoss.kernels, `attend_decode`) where the kernels are on:
+[T, S] score matrix or mask for the whole context. Two ways through the blocks (`gptoss.kernels.ops.attend`
+chooses between them and the C++ decode kernel):
 
 - `attend_explicit`, the reference, written out: a running maximum, denominator and weighted sum per
   query (the flash-attention recurrence), the sink entering as the recurrence's starting state: a
   column of logit `sink` with no value vector, exactly the extra softmax column of the reference
-  formulation. Used for decode (a few queries), where it is the faster.
+  formulation. Used for decode (a few queries), where it is the faster, and for training.
 - `attend_flash`, for prefill chunks: torch's fused CPU flash-attention kernel per key block, which
   also returns each query's log-sum-exp; the blocks and the sink are then combined by those
   log-sum-exps (the sink is one more "block" with log-sum-exp `sink` and output 0).
@@ -19,12 +19,10 @@ import math
 
 import torch
 
-from gptoss.kernels import cpu_kernels
-
 KEY_BLOCK = 1024
-# From this many queries per KV head row, the fused kernel beats the explicit recurrence on the CPU.
-FLASH_MIN_QUERIES = 16
-_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# torch's fused CPU flash-attention kernel (with the log-sum-exp output that merging blocks needs);
+# None in a torch build without it.
+flash_kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def visible_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -39,28 +37,10 @@ def visible_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
     return visible
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-           window: int | None, sinks: torch.Tensor | None, use_kernel: bool = False) -> torch.Tensor:
-    """q [B, Hkv, G, T, D]; k, v [B, S, Hkv, D]; q_pos [B, T]; k_pos [B, S]; sinks [Hkv * G] or None
-    -> [B, Hkv, G, T, D] in v's dtype. Query head (h, g) reads KV head h.
-
-    use_kernel: a few bf16 queries (decode) go through gptoss's C++ kernel, which scores only the
-    visible keys (a sliding layer's ring holds window - 1 + chunk slots, a decode query sees `window`).
-    """
-    # The flash kernel's log-sum-exp output has no gradient: training (the study) takes the explicit path.
-    inference = not (torch.is_grad_enabled() and q.requires_grad)
-    if inference and q.device.type == "cpu":
-        if _flash is not None and q.shape[3] >= FLASH_MIN_QUERIES:
-            return attend_flash(q, k, v, q_pos, k_pos, window, sinks)
-        kernels = cpu_kernels() if use_kernel else None
-        if kernels is not None and q.dtype == k.dtype == v.dtype == torch.bfloat16:
-            return kernels.attend_decode(q, k, v, q_pos, k_pos, window or 0, sinks)
-    return attend_explicit(q, k, v, q_pos, k_pos, window, sinks)
-
-
 def attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                     window: int | None, sinks: torch.Tensor | None, key_block: int = KEY_BLOCK) -> torch.Tensor:
-    """`attend` written out. Scores and sums are fp32.
+    """q [B, Hkv, G, T, D]; k, v [B, S, Hkv, D]; q_pos [B, T]; k_pos [B, S]; sinks [Hkv * G] or None
+    -> [B, Hkv, G, T, D] in v's dtype. Query head (h, g) reads KV head h. Scores and sums are fp32.
 
     The G query heads of a KV head and their T positions form one [G * T, D] matrix, so each key block
     is one batched matmul over B * Hkv (a matmul that broadcast K over G would be many tiny GEMMs).
@@ -93,7 +73,7 @@ def attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: to
 
 def attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                  window: int | None, sinks: torch.Tensor | None, key_block: int = KEY_BLOCK) -> torch.Tensor:
-    """`attend` through torch's fused CPU flash-attention kernel, one call per key block. The kernel
+    """`attend_explicit`'s contract through torch's fused CPU flash-attention kernel, one call per key block. The kernel
     wants as many KV heads as query heads, so each block's keys and values are repeated G times."""
     B, Hkv, G, T, D = q.shape
     queries = q.reshape(B, Hkv * G, T, D)
@@ -103,7 +83,7 @@ def attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch
         vb = v[:, start:start + key_block].transpose(1, 2).repeat_interleave(G, dim=1).to(q.dtype)
         visible = visible_keys(q_pos, k_pos[:, start:start + key_block], window)[:, None]  # [B, 1, T, S']
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-        out, block_lse = _flash(queries, kb, vb, attn_mask=mask, scale=1 / math.sqrt(D))
+        out, block_lse = flash_kernel(queries, kb, vb, attn_mask=mask, scale=1 / math.sqrt(D))
         # A query that sees nothing in this block gets an undefined row from the kernel: weight 0 here.
         blind = ~visible.any(-1)                                                        # [B, 1, T]
         outputs.append(out.float().masked_fill_(blind[..., None], 0.0))

@@ -9,6 +9,8 @@ is stored as blocks [rows, K / 32, 16] (uint8) and scales [rows, K / 32] (uint8)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 BLOCK = 32  # values per block
@@ -51,3 +53,18 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exponent.squeeze(-1) + SCALE_BIAS).to(torch.uint8)
     return blocks.contiguous(), scales.contiguous()
+
+
+@dataclass(frozen=True)
+class MXFP4Weight:
+    """A weight [..., rows, K] held packed: blocks [..., rows, K/32, 16] and scales [..., rows, K/32] (uint8).
+    Indexing picks along the leading dimensions (an expert of [E, rows, K])."""
+
+    blocks: torch.Tensor
+    scales: torch.Tensor
+
+    def __getitem__(self, index) -> "MXFP4Weight":
+        return MXFP4Weight(self.blocks[index], self.scales[index])
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return dequantize(self.blocks, self.scales, dtype)

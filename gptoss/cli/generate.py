@@ -1,0 +1,34 @@
+"""`gptoss generate`: raw completion of a text, streamed to the terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from gptoss.cli.options import add_model_options, add_sampling_options, load_from_args, sampling_params
+from gptoss.generation.generate import stream_text
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="complete a text (no chat format), streaming the tokens")
+    p.add_argument("text", help="the text to continue")
+    add_model_options(p)
+    add_sampling_options(p, max_tokens=64)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    from gptoss.chat.tokenizer import get_tokenizer
+
+    params = sampling_params(args)
+    model = load_from_args(args)
+    prompt = get_tokenizer().encode(args.text, allowed_special="all")
+    sys.stdout.write(args.text)
+    start, count = time.perf_counter(), 0
+    for token, text in stream_text(model, prompt, args.max_tokens, params, stop_tokens=model.config.eos_token_ids):
+        count += token is not None
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{count} tokens, {count / (time.perf_counter() - start):.1f} tok/s]", file=sys.stderr)
+    return 0
