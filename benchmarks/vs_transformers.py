@@ -46,8 +46,8 @@ def main():
 
     ours = load_model(args.model, dtype=torch.bfloat16)
     prefill_seconds(ours, 16, 128, seed=1)  # warm up
-    seconds, (cache, logits) = prefill_seconds(ours, args.prompt_len, 128, room=args.gen)
-    ours_prefill, ours_decode = args.prompt_len / seconds, args.gen / decode_seconds(ours, cache, logits, args.gen)
+    seconds, (sequence, logits) = prefill_seconds(ours, args.prompt_len, 128, room=args.gen)
+    ours_prefill, ours_decode = args.prompt_len / seconds, args.gen / decode_seconds(ours, sequence, logits, args.gen)
     del ours, cache
     hf_prefill, hf_decode = transformers_speed(args.model, args.prompt_len, args.gen)
     print(json.dumps({"gptoss": {"prefill_tok_s": ours_prefill, "decode_tok_s": ours_decode},

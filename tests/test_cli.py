@@ -32,13 +32,14 @@ def test_generate_streams_a_completion(tiny_model):
 def test_chat_in_a_terminal_keeps_the_conversation_and_resets(tiny_model):
     """Drives `gptoss chat` through a pseudo-terminal: two turns, /reset, a third turn, /exit.
 
-    The status line after each answer gives the prompt's length: the second prompt holds the first
-    turn, so it is longer; after /reset the prompt is back to the size of a first turn."""
+    The status line after each answer gives the prompt's length and how much of it was cached: the second
+    prompt holds the first turn, so it is longer, and reuses the first prompt's whole pages; after /reset
+    the prompt is back to the size of a first turn, all of whose whole pages are still cached."""
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(GPTOSS[0], [*GPTOSS[1:], "chat", "--model", str(tiny_model), "--max-tokens", "8",
                                       "--threads", "1"], encoding="utf-8", timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    sizes = []
+    sizes, cached = [], []
     try:
         for line in ("Hello there", "And now?", "/reset", "Hello there", "/exit"):
             child.expect_exact("> ")
@@ -46,8 +47,9 @@ def test_chat_in_a_terminal_keeps_the_conversation_and_resets(tiny_model):
             if line == "/reset":
                 child.expect_exact("[conversation cleared]")
             elif line != "/exit":
-                child.expect(r"\[prompt (\d+) tokens, (\d+) new")
+                child.expect(r"\[prompt (\d+) tokens \((\d+) cached\), (\d+) new")
                 sizes.append(int(child.match.group(1)))
+                cached.append(int(child.match.group(2)))
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
@@ -55,6 +57,8 @@ def test_chat_in_a_terminal_keeps_the_conversation_and_resets(tiny_model):
     first, second, after_reset = sizes
     assert second > first + 8          # the first turn (question and answer) is in the second prompt
     assert after_reset == first        # the same first turn again, from an empty conversation
+    page = 32
+    assert cached == [0, first // page * page, (first - 1) // page * page] and cached[1] > 0
 
 
 def test_offline_hub_id_is_a_clear_error(monkeypatch, capsys):
@@ -72,10 +76,11 @@ def test_model_resolution(tiny_model, tmp_path):
 
 
 def test_kv_cache_command(capsys):
-    # 12 full layers x ctx + 12 sliding x (128 - 1 + 512) slots, x 2048 bytes
+    # 12 full layers x ctx + 12 sliding x 21 pages of 32 (the pages of 128 - 1 + 512 positions, plus one
+    # for a chunk that starts inside a page), x 2048 bytes
     assert cli(["kv-cache", "--preset", "gpt-oss-20b", "--context", "4096,131072"]) == 0
     out = capsys.readouterr().out
-    assert f"{(12 * 4096 + 12 * 639) * 2048:,} bytes" in out and f"{(12 * 131072 + 12 * 639) * 2048:,} bytes" in out
+    assert f"{(12 * 4096 + 12 * 672) * 2048:,} bytes" in out and f"{(12 * 131072 + 12 * 672) * 2048:,} bytes" in out
     assert cli(["kv-cache", "--context", "4k"]) == 2
 
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from gptoss import load_model
-from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache, allocated_kv_bytes
+from gptoss.generation.cache import PAGE_SIZE, PREFILL_CHUNK, ContextError, KVCache, allocated_kv_bytes
 from gptoss.generation.generate import generate, stream
 from gptoss.generation.sampling import SamplingParams, sample
 from tests.conftest import random_hf_model, tiny_config
 
-WINDOW, CHUNK = 8, 4
+WINDOW, CHUNK, PAGE = 8, 4, 4
 
 
 @pytest.fixture(scope="module")
@@ -21,21 +21,21 @@ def model(tmp_path_factory):
     return load_model(path, dtype=torch.float32)
 
 
-def cached_logits(model, prompts, continuations):
-    """Logits of every prompt and continuation token, computed through the cache: a left-padded chunked
-    prefill, then one token per step. Returns, per row, [len(prompt) + len(continuation), V]."""
-    B, longest = len(prompts), max(map(len, prompts))
-    cache = KVCache(model.config, B, longest + len(continuations[0]), chunk=CHUNK, dtype=model.dtype)
-    ids = torch.zeros(B, longest, dtype=torch.long)
-    positions = torch.full((B, longest), -1)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p):] = torch.tensor(p)
-        positions[row, longest - len(p):] = torch.arange(len(p))
-    steps = [model(ids[:, s:s + CHUNK], positions[:, s:s + CHUNK], cache=cache) for s in range(0, longest, CHUNK)]
-    prefill = torch.cat(steps, dim=1)
-    decoded = [model(torch.tensor([[c[t]] for c in continuations]), cache=cache) for t in range(len(continuations[0]))]
+def cached_logits(model, prompts, continuations, page_size=PAGE):
+    """Logits of every prompt and continuation token, computed through the cache: each prompt prefilled
+    alone in chunks, then one token per step for all rows together. Pages of 4 positions, so sliding
+    groups give pages back as they go. Returns, per row, [len(prompt) + len(continuation), V]."""
+    longest = max(len(p) + len(c) for p, c in zip(prompts, continuations))
+    cache = KVCache.for_tokens(model.config, longest, len(prompts), page_size=page_size, chunk=CHUNK, dtype=model.dtype)
+    sequences = [cache.sequence() for _ in prompts]
+    prefill = [torch.cat([model(torch.tensor([p[s:s + CHUNK]]), cache=cache.batch([seq], [p[s:s + CHUNK]]))[0]
+                          for s in range(0, len(p), CHUNK)]) for seq, p in zip(sequences, prompts)]
+    decoded = []
+    for t in range(len(continuations[0])):
+        step = [[c[t]] for c in continuations]
+        decoded.append(model(torch.tensor(step), cache=cache.batch(sequences, step)))
     decoded = torch.cat(decoded, dim=1)
-    return [torch.cat((prefill[row, longest - len(p):], decoded[row])) for row, p in enumerate(prompts)]
+    return [torch.cat((prefill[row], decoded[row])) for row in range(len(prompts))]
 
 
 def full_logits(model, tokens):
@@ -47,7 +47,7 @@ def full_logits(model, tokens):
 def test_cached_decode_equals_full_forward_batch_1(model):
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 512, (6,), generator=g).tolist()
-    continuation = torch.randint(0, 512, (30,), generator=g).tolist()  # 36 tokens: the ring of 11 wraps thrice
+    continuation = torch.randint(0, 512, (30,), generator=g).tolist()  # 36 tokens: sliding pages given back
     (got,) = cached_logits(model, [prompt], [continuation])
     diff = (got - full_logits(model, prompt + continuation)).abs().max().item()
     print(f"batch 1: max |cached - full| = {diff:.2e}")
@@ -65,21 +65,41 @@ def test_cached_decode_equals_full_forward_ragged_batch(model):
         assert diff < 1e-5
 
 
-def test_sliding_cache_stays_at_window_size():
+def test_sliding_layers_hold_only_their_window():
+    """A sequence growing to 600 tokens in uneven steps of at most 8, with pages of 4: its sliding group
+    never holds more than the pages of window - 1 + chunk positions plus one (for a misaligned step), its
+    full group all of them; a pool of `for_tokens` pages suffices, one page fewer than the peak does not."""
     cfg = tiny_config(num_layers=4, sliding_window=16)
-    for context in (64, 4096):
-        cache = KVCache(cfg, batch=2, context=context, chunk=8, dtype=torch.float32)
-        sliding = [k.shape[1] for i, k in enumerate(cache.keys) if cfg.is_sliding(i)]
-        full = [k.shape[1] for i, k in enumerate(cache.keys) if not cfg.is_sliding(i)]
-        assert sliding == [16 - 1 + 8 + 1] * 2          # window - 1 + chunk, plus the padding slot
-        assert full == [context + 1] * 2
-    # The arithmetic of gpt-oss-20b: 12 full + 12 sliding layers, 8 KV heads x 64 x (K, V) x bf16.
+    steps = [8, 3, 5, 1, 7, 6] * 21
+    steps = steps[:next(i for i in range(len(steps)) if sum(steps[:i]) >= 600)]
+
+    def grow(cache):
+        (full,), (sliding,) = [[g for g, group in enumerate(cache.groups) if group.sliding == kind] for kind in (False, True)]
+        sequence, most, peak = cache.sequence(), 0, 0
+        for count in steps:
+            batch = cache.batch([sequence], [[1] * count])
+            batch.begin(batch.positions)
+            for layer in range(cfg.num_layers):  # what a forward pass does, without the model
+                kv = torch.zeros(1, count, cfg.num_kv_heads, cfg.head_dim)
+                batch.update(layer, kv, kv)
+            most = max(most, sum(p >= 0 for p in sequence.tables[sliding]))
+            peak = max(peak, sequence.held_pages())
+            assert len(sequence.tables[full]) == -(-sequence.length // 4)
+        return most, peak, sequence.length
+
+    cache = KVCache.for_tokens(cfg, sum(steps), page_size=4, chunk=8, dtype=torch.float32)
+    assert cache.num_pages == -(-sum(steps) // 4) + 7
+    most, peak, length = grow(cache)
+    assert length == sum(steps) >= 600 and 16 // 4 < most <= -(-(16 - 1 + 8) // 4) + 1 == 7
+    with pytest.raises(ContextError, match="pages of the KV cache are in use"):
+        grow(KVCache(cfg, peak - 1, page_size=4, chunk=8, dtype=torch.float32))
+    # The arithmetic of gpt-oss-20b: 12 full + 12 sliding layers, 8 KV heads x 64 x (K, V) x bf16, pages of 32.
     from gptoss import preset
     per_token_layer = 2 * 8 * 64 * 2
     for context in (4096, 32768, 131072):
         sizes = allocated_kv_bytes(preset("gpt-oss-20b"), context)
         assert sizes["full_layers"] == 12 * context * per_token_layer
-        assert sizes["sliding_layers"] == 12 * (128 - 1 + PREFILL_CHUNK) * per_token_layer
+        assert sizes["sliding_layers"] == 12 * PAGE_SIZE * (-(-(128 - 1 + PREFILL_CHUNK) // PAGE_SIZE) + 1) * per_token_layer
 
 
 def test_greedy_generation_matches_transformers(tmp_path):

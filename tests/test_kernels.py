@@ -227,10 +227,13 @@ def test_int8_dense_layers_cost_little_accuracy(tmp_checkpoint):
     def per_token_logits(model):
         from gptoss.generation.cache import KVCache
 
+        tokens = ids[0].tolist()
         with torch.inference_mode():
-            cache = KVCache(model.config, 1, ids.shape[1], dtype=model.dtype)
-            prefill = model(ids[:, :96], cache=cache)[0]                      # a prefill chunk: GEMMs
-            decode = [model(ids[:, i:i + 1], cache=cache)[0] for i in range(96, 112)]  # decode: GEMV kernels
+            cache = KVCache.for_tokens(model.config, len(tokens), dtype=model.dtype)
+            sequence = cache.sequence()
+            prefill = model(ids[:, :96], cache=cache.batch([sequence], [tokens[:96]]))[0]        # a prefill chunk: GEMMs
+            decode = [model(ids[:, i:i + 1], cache=cache.batch([sequence], [tokens[i:i + 1]]))[0]
+                      for i in range(96, 112)]                                                      # decode: GEMV kernels
         return torch.cat([prefill] + decode).float()
 
     truth = per_token_logits(load_model(path, dtype=torch.float32, kernels=False))

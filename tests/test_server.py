@@ -112,28 +112,29 @@ def forced_tool_call(monkeypatch):
     return lambda: script.extend(get_tokenizer().encode(TOOL_CALL, allowed_special="all"))
 
 
-def test_kv_cache_rows_are_views_that_prefill_decode_and_reset_one_row(model):
-    """KVCache.rows(): rows prefilled alone then decoded together (an idle row between them as padding)
-    give what each gives in a cache of its own (to float rounding: the batch changes the matmul kernels);
-    resetting one row leaves the others alone."""
+def test_cache_sequences_prefill_alone_decode_together_and_release_alone(model):
+    """Sequences of one KVCache prefilled one by one then decoded in one batch give what each gives in a
+    cache of its own (to float rounding: the batch changes the matmul kernels); releasing one leaves the
+    other's pages alone and gives all of its own back."""
     prompts = [list(range(1000, 1013)), list(range(2000, 2005))]
-    big = KVCache(model.config, 3, 64, dtype=model.dtype)
+    big = KVCache.for_tokens(model.config, 64, 2, page_size=4, dtype=model.dtype)
     with torch.inference_mode():
         alone = []
         for p in prompts:
-            own = KVCache(model.config, 1, 64, dtype=model.dtype)
-            model(torch.tensor([p]), cache=own)
-            alone.append(model(torch.tensor([[7]]), torch.tensor([[len(p)]]), cache=own)[0])
-        for row, p in zip((0, 2), prompts):
-            model(torch.tensor([p]), cache=big.rows(row, row + 1))
-        batched = model(torch.tensor([[7], [0], [7]]), torch.tensor([[13], [-1], [5]]), cache=big.rows(0, 3))
-    for row, own in ((0, alone[0]), (2, alone[1])):
-        assert (batched[row] - own).abs().max() < 1e-5 and batched[row].argmax() == own.argmax()
-    assert big.lengths.tolist() == [14, 0, 6]
-    big.rows(0, 1).reset()
-    assert big.lengths.tolist() == [0, 0, 6]
-    for positions in big.slot_positions.values():
-        assert (positions[0] == -1).all() and (positions[2] >= 0).sum() == 6
+            own = KVCache.for_tokens(model.config, 64, page_size=4, dtype=model.dtype)
+            sequence = own.sequence()
+            model(torch.tensor([p]), cache=own.batch([sequence], [p]))
+            alone.append(model(torch.tensor([[7]]), cache=own.batch([sequence], [[7]]))[0])
+        sequences = [big.sequence() for _ in prompts]
+        for sequence, p in zip(sequences, prompts):
+            model(torch.tensor([p]), cache=big.batch([sequence], [p]))
+        batched = model(torch.tensor([[7], [7]]), cache=big.batch(sequences, [[7], [7]]))
+    for row in range(2):
+        assert (batched[row] - alone[row]).abs().max() < 1e-5 and batched[row].argmax() == alone[row].argmax()
+    assert [s.length for s in sequences] == [14, 6]
+    held = sequences[1].held_pages()
+    sequences[0].release()
+    assert sequences[0].length == 0 and big.free_pages == big.num_pages - held and sequences[1].held_pages() == held
 
 
 def test_engine_prefills_prompts_longer_than_its_chunk(model):
@@ -254,6 +255,45 @@ def test_function_call_and_its_output_round_trip_in_responses(client, model, for
     assert r.usage.input_tokens == len(prompt) and r.output_text == answer(parsed)
 
 
+def test_the_next_turn_reuses_everything_before_harmony_drops_the_reasoning(client, model):
+    """Turn 2's prompt holds turn 1's answer as a final message where turn 1 generated whatever it
+    generated: the prompts part there (harmony also drops an answer's reasoning). Everything before that
+    point, in whole pages of 32, comes from the cache, and `usage` says how much; the answer is unchanged."""
+    first = Chat(reasoning_effort="low").user("Tell me about caches. " * 6)
+    prompt1, tokens1, parsed1 = expected(model, first, 8)
+    r1 = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me about caches. " * 6}],
+                                        reasoning_effort="low", max_tokens=8, temperature=0)
+    history = [{"role": "user", "content": "Tell me about caches. " * 6},
+               {"role": "assistant", "content": r1.choices[0].message.content or ""},
+               {"role": "user", "content": "And then?"}]
+    second = Chat(reasoning_effort="low").user("Tell me about caches. " * 6).assistant(r1.choices[0].message.content or "")
+    prompt2, tokens2, _ = expected(model, second.user("And then?"), 8)
+    computed = prompt1 + tokens1[:-1]                      # what turn 1 left in the cache
+    common = next(i for i, (a, b) in enumerate(zip(computed + [-1], prompt2)) if a != b)
+    r2 = client.chat.completions.create(model=MODEL, messages=history, reasoning_effort="low", max_tokens=8,
+                                        temperature=0)
+    assert common >= len(prompt1) > 32
+    assert r2.usage.prompt_tokens_details.cached_tokens == min(common, len(prompt2) - 1) // 32 * 32
+    assert r2.usage.completion_tokens == len(tokens2)
+
+
+def test_health_and_metrics(server, client):
+    for _ in range(2):  # the second reuses the first's prompt
+        client.completions.create(model=MODEL, prompt=list(range(100, 150)), max_tokens=2)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        text = http.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    stats = server.engine.stats()
+    assert values["gptoss_kv_pages"] == stats["kv_pages"] > 0
+    assert values["gptoss_kv_pages_used"] + values["gptoss_kv_pages_free"] == values["gptoss_kv_pages"]
+    assert values["gptoss_requests_total"] > 0 and values["gptoss_generated_tokens_total"] > 0
+    assert values["gptoss_cached_tokens_total"] > 0 and values["gptoss_requests_with_cached_tokens_total"] > 0
+    for name in ("gptoss_waiting", "gptoss_running", "gptoss_prompt_tokens_per_second",
+                 "gptoss_generation_tokens_per_second", "gptoss_preemptions_total"):
+        assert name in values
+
+
 def test_harmony_output_maps_to_reasoning_content_and_tool_calls():
     """A hand-written completion (reasoning, a preamble, a tool call) through both output assemblers."""
     text = ("<|channel|>analysis<|message|>Need the weather.<|end|>"
@@ -295,8 +335,7 @@ def test_16_concurrent_streams_each_equal_running_alone(client, server, monkeypa
     alone = [run(kwargs) for kwargs in requests]
     engine, steps = server.engine, []  # per decode step, the requests in the batch
     decode = engine._decode
-    monkeypatch.setattr(engine, "_decode",
-                        lambda slots: steps.append({engine.slots[i] for i in slots}) or decode(slots))
+    monkeypatch.setattr(engine, "_decode", lambda generations: steps.append(set(generations)) or decode(generations))
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(run, requests))
     assert together == alone
@@ -369,7 +408,7 @@ def test_a_client_leaving_mid_stream_cancels_its_generation_and_frees_its_slot(s
     assert server.engine.busy_slots() == 0 and request.cancelled
     assert len(request.generated) < request.max_new_tokens  # it stopped early, not at its budget
     cache = server.engine.cache
-    assert (cache.lengths == 0).all() and all((p == -1).all() for p in cache.slot_positions.values())
+    assert request.sequence is None and cache.free_pages == cache.num_pages  # every page given back
 
 
 def test_an_engine_failure_is_a_500_and_the_server_goes_on(client, server, monkeypatch):

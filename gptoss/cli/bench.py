@@ -60,9 +60,9 @@ def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = 
     prefill_seconds(model, min(prompt_lens + [chunk]), chunk, seed=1)  # warm-up: faults the mapped weights in
     prefill = {}
     for length in prompt_lens:
-        seconds, (cache, logits) = prefill_seconds(model, length, chunk, room=gen)
+        seconds, (sequence, logits) = prefill_seconds(model, length, chunk, room=gen)
         prefill[str(length)] = length / seconds
-    decode_s = decode_seconds(model, cache, logits, gen)
+    decode_s = decode_seconds(model, sequence, logits, gen)
     per_token = bytes_per_decoded_token(model)
     return {
         "model": str(path),

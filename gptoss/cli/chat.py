@@ -2,7 +2,9 @@
 
 The final answer streams as it is generated; the reasoning (analysis channel) streams dimmed when
 --show-reasoning asks for it. The conversation is kept across turns (earlier reasoning is dropped from
-the prompt after a final answer, as harmony prescribes); `/reset` starts over and `/exit` leaves.
+the prompt after a final answer, as harmony prescribes), and so is the KV cache: a turn computes only
+what follows the part of its prompt that the previous turns already computed. `/reset` starts over and
+`/exit` leaves.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import sys
 import time
 
 from gptoss.chat.harmony import Chat, MessageEnd, StreamParser, TextDelta, render_for_completion, stop_tokens
-from gptoss.cli.options import add_model_options, add_sampling_options, load_from_args, sampling_params
+from gptoss.errors import GptossError
+from gptoss.cli.options import (add_kv_memory_option, add_model_options, add_sampling_options, kv_memory,
+                                load_from_args, sampling_params)
+from gptoss.generation.cache import KVCache
 from gptoss.generation.generate import stream
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -24,12 +29,15 @@ def register(subparsers) -> None:
     p.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium", help="reasoning effort")
     p.add_argument("--show-reasoning", action="store_true", help="print the model's reasoning, dimmed")
     p.add_argument("--system", help="developer instructions (harmony's developer message)")
+    add_kv_memory_option(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     params = sampling_params(args)
     model = load_from_args(args)
+    cache = KVCache.for_bytes(model.config, kv_memory(args, model, 1, model.config.max_context), dtype=model.dtype,
+                              device=model.device)
     new_chat = lambda: Chat(reasoning_effort=args.reasoning, developer_instructions=args.system)  # noqa: E731
     chat = new_chat()
     stops = stop_tokens()
@@ -49,15 +57,22 @@ def run(args) -> int:
         if not line:
             continue
         prompt = render_for_completion(chat.user(line))
+        reused = len(cache.cached_prefix(prompt)) * cache.page_size
         parser, count, start = StreamParser(), 0, time.perf_counter()
-        for token in stream(model, prompt, args.max_tokens, params, stop_tokens=stops):
-            count += 1
-            for event in parser.feed(token):
-                show(event, args.show_reasoning)
+        try:
+            for token in stream(model, prompt, args.max_tokens, params, stop_tokens=stops, cache=cache):
+                count += 1
+                for event in parser.feed(token):
+                    show(event, args.show_reasoning)
+        except GptossError as e:  # the conversation outgrew the context or the KV memory
+            chat.turns.pop()
+            print(f"\n{DIM}[{e}; /reset starts over]{RESET}", flush=True)
+            continue
         for event in parser.end():
             show(event, args.show_reasoning)
         chat.add(parser.messages)
-        print(f"\n{DIM}[prompt {len(prompt)} tokens, {count} new, {count / (time.perf_counter() - start):.1f} tok/s]"
+        print(f"\n{DIM}[prompt {len(prompt)} tokens ({reused} cached), {count} new, "
+              f"{count / (time.perf_counter() - start):.1f} tok/s]"
               f"{RESET}", flush=True)
 
 

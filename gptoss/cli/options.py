@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
 
 from gptoss.errors import GptossError
+from gptoss.generation.cache import allocated_kv_bytes
 from gptoss.generation.sampling import SamplingParams
 from gptoss.weights.checkpoint import load_model
 from gptoss.weights.hub import resolve_model
@@ -59,3 +61,43 @@ def parse_ints(text: str, option: str) -> list[int]:
     if not values or min(values) < 1:
         raise GptossError(f"{option} needs positive integers, got {text!r}")
     return values
+
+
+BYTE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+              "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """'4GiB', '512MiB', '2G' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in BYTE_UNITS or float(m.group(1)) <= 0:
+        raise GptossError(f"{option} takes a size such as 4GiB, 512MiB or 2G, got {text!r}")
+    return int(float(m.group(1)) * BYTE_UNITS[m.group(2).lower()])
+
+
+def add_kv_memory_option(p) -> None:
+    p.add_argument("--kv-memory", help="bytes of the KV cache's page pool, e.g. 4GiB (default: what the requests "
+                                       "can use, at most half of the memory available beside the model's weights)")
+
+
+def kv_memory(args, model, sequences: int, tokens: int) -> int:
+    """--kv-memory; by default room for `sequences` sequences of `tokens` tokens, but at most half of what
+    the OS calls available once the model's weights are counted out (a memory-mapped checkpoint may sit in
+    the page cache, which the OS counts as available) and at least 256 MiB."""
+    if args.kv_memory:
+        return parse_bytes(args.kv_memory, "--kv-memory")
+    wanted = allocated_kv_bytes(model.config, tokens, sequences, dtype_bytes=model.dtype.itemsize)["total"]
+    weights = sum(t.nbytes for t in model.state_dict().values())
+    return min(wanted, max(256 * 2**20, (available_memory() - weights) // 2))
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else 8 GiB as a guess."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from gptoss.cli.options import add_model_options, load_from_args
+from gptoss.cli.options import add_kv_memory_option, add_model_options, kv_memory, load_from_args
 
 
 def register(subparsers) -> None:
@@ -14,10 +14,13 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8,
-                   help="requests generated at once; more wait for a free slot (default 8)")
+                   help="requests generated at once; more wait their turn (default 8)")
     p.add_argument("--max-context", type=int,
-                   help="tokens per request, prompt and completion together (default: the model's context); "
-                        "the KV cache holds max-batch rows of this")
+                   help="tokens per request, prompt and completion together (default: the model's context, "
+                        "or what the KV memory holds if less)")
+    add_kv_memory_option(p)
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every prompt whole instead of reusing cached prefixes (for comparison)")
     p.add_argument("--served-model-name", help="the model id clients send (default: --model as given)")
     p.set_defaults(func=run)
 
@@ -28,9 +31,14 @@ def run(args) -> int:
     from gptoss.server import Engine, create_app
 
     model = load_from_args(args)
-    engine = Engine(model, max_batch=args.max_batch, context=args.max_context)
+    memory = kv_memory(args, model, args.max_batch, min(args.max_context or model.config.max_context,
+                                                        model.config.max_context))
+    engine = Engine(model, max_batch=args.max_batch, context=args.max_context, kv_memory=memory,
+                    prefix_reuse=not args.no_prefix_cache)
     name = args.served_model_name or args.model or model.config.name
-    print(f"gptoss serve: {name} on http://{args.host}:{args.port}/v1, {engine.max_batch} slots of "
-          f"{engine.context} tokens (KV cache {engine.cache.nbytes / 2**20:.1f} MiB)", file=sys.stderr)
+    cache = engine.cache
+    print(f"gptoss serve: {name} on http://{args.host}:{args.port}/v1, up to {engine.max_batch} requests at once "
+          f"of up to {engine.context} tokens; KV cache {cache.nbytes / 2**20:.1f} MiB ({cache.num_pages} pages of "
+          f"{cache.page_size} tokens), prefix reuse {'off' if args.no_prefix_cache else 'on'}", file=sys.stderr)
     uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from gptoss.generation.cache import PREFILL_CHUNK, KVCache
+from gptoss.generation.cache import KVCache, Sequence
 from gptoss.model.transformer import Transformer
 
 
@@ -37,20 +37,25 @@ def read_all_weights(model: Transformer) -> None:
 
 @torch.inference_mode()
 def prefill_seconds(model: Transformer, length: int, chunk: int, seed: int = 0,
-                    room: int = 0) -> tuple[float, tuple[KVCache, torch.Tensor]]:
-    """Seconds to prefill `length` random tokens, and the cache and last logits, with `room` left to decode."""
-    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
-    cache = KVCache(model.config, 1, length + room, chunk=chunk, dtype=model.dtype)
+                    room: int = 0) -> tuple[float, tuple[Sequence, torch.Tensor]]:
+    """Seconds to prefill `length` random tokens, and the sequence in its cache and the last logits, with
+    `room` tokens left in the cache to decode."""
+    ids = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    cache = KVCache.for_tokens(model.config, length + room, chunk=chunk, dtype=model.dtype, device=model.device)
+    sequence = cache.sequence()
     start = time.perf_counter()
     for s in range(0, length, chunk):
-        logits = model(ids[:, s:s + chunk], cache=cache, last_only=True)
-    return time.perf_counter() - start, (cache, logits)
+        piece = ids[s:s + chunk]
+        logits = model(torch.tensor([piece], device=model.device), cache=cache.batch([sequence], [piece]), last_only=True)
+    return time.perf_counter() - start, (sequence, logits)
 
 
 @torch.inference_mode()
-def decode_seconds(model: Transformer, cache: KVCache, logits: torch.Tensor, steps: int) -> float:
-    token = logits[:, -1].argmax(-1, keepdim=True)
+def decode_seconds(model: Transformer, sequence: Sequence, logits: torch.Tensor, steps: int) -> float:
+    token = int(logits[0, -1].argmax())
     start = time.perf_counter()
     for _ in range(steps):
-        token = model(token, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        logits = model(torch.tensor([[token]], device=model.device), cache=sequence.cache.batch([sequence], [[token]]),
+                       last_only=True)
+        token = int(logits[0, -1].argmax())
     return time.perf_counter() - start

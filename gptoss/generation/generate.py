@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import torch
 
 from gptoss.chat.tokenizer import TextDecoder
-from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache
+from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache, pages_per_sequence
 from gptoss.generation.sampling import SamplingParams, sample
 from gptoss.generation.stopping import StopRule
 from gptoss.model.transformer import Transformer
@@ -27,57 +27,72 @@ def _as_batch(prompt_ids) -> list[list[int]]:
 @torch.inference_mode()
 def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
-                 chunk: int = PREFILL_CHUNK) -> Iterator[list[int | None]]:
+                 chunk: int = PREFILL_CHUNK, cache: KVCache | None = None) -> Iterator[list[int | None]]:
     """Yields, per step, one new token per prompt (None for prompts that already stopped).
 
-    Prompts of different lengths are left-padded: padding gets position -1 and never enters attention,
-    so each row computes exactly what it would alone.
+    Each prompt is prefilled alone, in chunks, then all are decoded together; rows never see each other's
+    keys, so each computes exactly what it would alone. `cache`: a KVCache kept between calls, so that a
+    prompt that begins like an earlier one (or like an earlier prompt and its completion: a conversation's
+    next turn) computes only the rest; without one, a cache just large enough is made for the call.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ContextError("every prompt needs at least one token")
     rule = StopRule(max_new_tokens, stop_tokens)
     longest = max(len(p) for p in prompts)
-    context = longest + max_new_tokens
-    if context > model.config.max_context:
+    if longest + max_new_tokens > model.config.max_context:
         raise ContextError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
                            f"the model's context of {model.config.max_context}")
     device = model.device
-    cache = KVCache(model.config, len(prompts), context, chunk=chunk, dtype=model.dtype, device=device)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    positions = torch.full((len(prompts), longest), -1, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p):] = torch.tensor(p)
-        positions[row, longest - len(p):] = torch.arange(len(p))
-    ids, positions = ids.to(device), positions.to(device)
-
-    for start in range(0, longest, chunk):
-        logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache, last_only=True)
-    generator = params.generator(device)
-    stopped = [False] * len(prompts)
-    for count in range(1, max_new_tokens + 1):
-        tokens = sample(logits[:, -1], params, generator).tolist()
-        yield [None if done else t for t, done in zip(tokens, stopped)]
-        stopped = [done or rule.finish_reason(t, count) is not None for t, done in zip(tokens, stopped)]
-        if all(stopped):
-            return
-        logits = model(torch.tensor(tokens, device=device)[:, None], cache=cache, last_only=True)
+    if cache is None:
+        cache = KVCache.for_tokens(model.config, longest + max_new_tokens, len(prompts), chunk=chunk,
+                                   dtype=model.dtype, device=device)
+    elif len(prompts) * pages_per_sequence(model.config, longest + max_new_tokens, cache.page_size,
+                                           cache.chunk) > cache.num_pages:
+        raise ContextError(f"{len(prompts)} prompt(s) of up to {longest} tokens plus {max_new_tokens} new tokens do not "
+                           f"fit the KV cache ({cache.num_pages} pages of {cache.page_size} tokens)")
+    chunk = min(chunk, cache.chunk)
+    sequences = [cache.sequence() for _ in prompts]
+    try:
+        last = []
+        for sequence, prompt in zip(sequences, prompts):
+            prompt = list(prompt)
+            for start in range(sequence.reuse_prefix(prompt), len(prompt), chunk):
+                piece = prompt[start:start + chunk]
+                logits = model(torch.tensor([piece], device=device), cache=cache.batch([sequence], [piece]),
+                               last_only=True)
+            last.append(logits[:, -1])
+        logits = torch.cat(last)
+        generator = params.generator(device)
+        stopped = [False] * len(prompts)
+        for count in range(1, max_new_tokens + 1):
+            tokens = sample(logits, params, generator).tolist()
+            yield [None if done else t for t, done in zip(tokens, stopped)]
+            stopped = [done or rule.finish_reason(t, count) is not None for t, done in zip(tokens, stopped)]
+            if all(stopped):
+                return
+            step = [[t] for t in tokens]
+            logits = model(torch.tensor(step, device=device), cache=cache.batch(sequences, step), last_only=True)[:, -1]
+    finally:
+        for sequence in sequences:  # their pages stay in the cache for later prompts
+            sequence.release()
 
 
 def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
-           params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (), chunk: int = PREFILL_CHUNK) -> Iterator[int]:
+           params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (), chunk: int = PREFILL_CHUNK,
+           cache: KVCache | None = None) -> Iterator[int]:
     """Yields the new tokens of one prompt as they come, the stop token included."""
-    for (token,) in stream_batch(model, [prompt_ids], max_new_tokens, params, stop_tokens, chunk):
+    for (token,) in stream_batch(model, [prompt_ids], max_new_tokens, params, stop_tokens, chunk, cache):
         yield token
 
 
 def stream_text(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
                 params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
-                chunk: int = PREFILL_CHUNK) -> Iterator[tuple[int | None, str]]:
+                chunk: int = PREFILL_CHUNK, cache: KVCache | None = None) -> Iterator[tuple[int | None, str]]:
     """Yields (token, text) as tokens come: the text each token completes, decoded incrementally so a
     character split across tokens appears whole, with the token that finishes it. Special tokens carry
     no text. A character left incomplete when generation stops comes last, as (None, U+FFFD)."""
     decoder = TextDecoder()
-    for token in stream(model, prompt_ids, max_new_tokens, params, stop_tokens, chunk):
+    for token in stream(model, prompt_ids, max_new_tokens, params, stop_tokens, chunk, cache):
         yield token, decoder.feed(token)
     if tail := decoder.flush():
         yield None, tail
@@ -85,17 +100,18 @@ def stream_text(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: i
 
 def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-             seed: int | None = None, stop_tokens: Sequence[int] | None = None, chunk: int = PREFILL_CHUNK):
+             seed: int | None = None, stop_tokens: Sequence[int] | None = None, chunk: int = PREFILL_CHUNK,
+             cache: KVCache | None = None):
     """New token ids for one prompt (a list of ints) or for each of a batch of prompts (a list of lists).
 
     Stops at max_new_tokens or after a stop token (which is included); stop tokens default to the
-    model's end-of-sequence tokens.
+    model's end-of-sequence tokens. `cache`: a KVCache kept between calls (see `stream_batch`).
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, seed)
     stop = model.config.eos_token_ids if stop_tokens is None else stop_tokens
     prompts = _as_batch(prompt_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in stream_batch(model, prompts, max_new_tokens, params, stop, chunk):
+    for step in stream_batch(model, prompts, max_new_tokens, params, stop, chunk, cache):
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)

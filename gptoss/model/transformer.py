@@ -235,9 +235,10 @@ class Transformer(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (fp32), or [B, 1, vocab] for the last token only.
 
-        positions [B, T] default to 0..T-1, or continue each row of the cache when one is given
-        (a `gptoss.generation.cache.KVCache`); negative positions mark padding. `last_only` skips
-        the unembedding of every other position, which generation never reads.
+        positions [B, T] default to 0..T-1, or continue each row of the cache when one is given (the
+        `PagedBatch` of a `gptoss.generation.cache.KVCache`: it hands each layer its keys and values via
+        `begin(positions)` and `update(layer, k, v)`). `last_only` skips the unembedding of every other
+        position, which generation never reads.
         """
         if positions is None:
             if cache is not None:

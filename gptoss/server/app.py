@@ -17,13 +17,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from gptoss.chat.harmony import get_encoding, render_for_completion, stop_tokens
 from gptoss.chat.tokenizer import get_tokenizer
 from gptoss.errors import GptossError
-from gptoss.server.engine import Engine, EngineError, Generation
+from gptoss.server.engine import RATE_WINDOW_S, Engine, EngineError, Generation
 from gptoss.server.errors import APIError, validation_error
 from gptoss.server.outputs import ChatOutput, CompletionOutput, Output, ResponsesOutput, new_id
 from gptoss.server.prompts import chat_from_messages, chat_from_responses_input, token_budget
@@ -75,9 +77,39 @@ async def chunk_events(head: dict, pieces: AsyncIterator, chunk: Callable[[Any],
     yield sse("[DONE]")
 
 
-def usage(prompt: list[int], output: Output) -> dict:
+def usage(prompt: list[int], output: Output, generation: Generation) -> dict:
+    """Chat and text completions' usage; cached_tokens: the prompt tokens reused from the KV cache."""
     return {"prompt_tokens": len(prompt), "completion_tokens": output.completion_tokens,
-            "total_tokens": len(prompt) + output.completion_tokens}
+            "total_tokens": len(prompt) + output.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": generation.cached_tokens}}
+
+
+class MetricsCollector:
+    """Reads `Engine.stats()` at each scrape, for a registry of its own (several apps, several engines)."""
+
+    GAUGES = {"kv_pages": "pages in the KV cache", "kv_pages_used": "KV pages held by running requests",
+              "kv_pages_cached": "free KV pages that keep a reusable prefix", "kv_pages_free": "KV pages a request can take",
+              "kv_page_tokens": "positions per KV page", "kv_bytes": "bytes of the KV cache",
+              "waiting": "requests waiting to start", "running": "requests being generated",
+              "prompt_tokens_per_second": f"prompt tokens computed per second (last {RATE_WINDOW_S:.0f} s)",
+              "generation_tokens_per_second": f"tokens generated per second (last {RATE_WINDOW_S:.0f} s)"}
+    COUNTERS = {"requests": "requests started", "prompt_tokens": "prompt tokens of the requests started",
+                "cached_tokens": "prompt tokens reused from the prefix cache",
+                "requests_with_cached_tokens": "requests that reused a cached prefix",
+                "prefilled_tokens": "prompt tokens computed", "generated_tokens": "tokens generated",
+                "preemptions": "requests paused to free KV pages"}
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def collect(self):
+        stats = self.engine.stats()
+        for name, help in self.GAUGES.items():
+            yield GaugeMetricFamily(f"gptoss_{name}", help, value=stats.get(name, 0))
+        for name, help in self.COUNTERS.items():
+            yield CounterMetricFamily(f"gptoss_{name}", help, value=stats.get(name, 0))
 
 
 @dataclass
@@ -108,6 +140,20 @@ async def models(s: ServedDep):
             "data": [{"id": s.model_name, "object": "model", "created": s.created, "owned_by": "gptoss"}]}
 
 
+@router.get("/health")
+async def health(s: ServedDep):
+    """200 while the engine runs, 503 once it has stopped."""
+    if s.engine.alive():
+        return {"status": "ok"}
+    return JSONResponse({"status": "engine stopped"}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(s: ServedDep):
+    """The engine's figures in Prometheus' text format (`gptoss_...`)."""
+    return Response(generate_latest(MetricsCollector(s.engine).registry), media_type=CONTENT_TYPE_LATEST)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, s: ServedDep):
     s.check_model(body.model)
@@ -122,7 +168,7 @@ async def chat_completions(body: ChatCompletionRequest, s: ServedDep):
             "model": s.model_name}
     if not body.stream:
         deltas = [d async for d in drive(s.engine, generation, output)]
-        return {**head, "usage": usage(prompt, output),
+        return {**head, "usage": usage(prompt, output, generation),
                 "choices": [{"index": 0, "message": ChatOutput.message(deltas), "logprobs": None,
                              "finish_reason": output.finish_reason(generation.finish_reason)}]}
 
@@ -137,7 +183,7 @@ async def chat_completions(body: ChatCompletionRequest, s: ServedDep):
             yield delta
 
     return event_stream(chunk_events(head, deltas(), chunk, {}, lambda: output.finish_reason(generation.finish_reason),
-                                     (lambda: usage(prompt, output)) if body.include_usage() else None))
+                                     (lambda: usage(prompt, output, generation)) if body.include_usage() else None))
 
 
 @router.post("/v1/completions")
@@ -160,11 +206,11 @@ async def completions(body: CompletionRequest, s: ServedDep):
 
     if not body.stream:
         text = "".join([t async for t in drive(s.engine, generation, output)])
-        return {**chunk(text, output.finish_reason(generation.finish_reason)), "usage": usage(prompt, output)}
+        return {**chunk(text, output.finish_reason(generation.finish_reason)), "usage": usage(prompt, output, generation)}
 
     return event_stream(chunk_events(head, drive(s.engine, generation, output), chunk, "",
                                      lambda: output.finish_reason(generation.finish_reason),
-                                     (lambda: usage(prompt, output)) if body.include_usage() else None))
+                                     (lambda: usage(prompt, output, generation)) if body.include_usage() else None))
 
 
 @router.post("/v1/responses")
@@ -191,7 +237,7 @@ async def responses(body: ResponsesRequest, s: ServedDep):
                 "text": {"format": {"type": "text"}}, "metadata": {},
                 "usage": {"input_tokens": len(prompt), "output_tokens": output.completion_tokens,
                           "total_tokens": len(prompt) + output.completion_tokens,
-                          "input_tokens_details": {"cached_tokens": 0},
+                          "input_tokens_details": {"cached_tokens": generation.cached_tokens},
                           "output_tokens_details": {"reasoning_tokens": 0}} if done else None}
 
     def final_status() -> str:

@@ -1,15 +1,26 @@
-"""Continuous batching: one background thread owns the model and serves many generations at once.
+"""Continuous batching over a paged KV cache: one background thread owns the model and serves many
+generations at once.
 
-The engine has a fixed number of slots (`max_batch`), each with its own row of one batch KVCache. A new
-generation waits for a free slot, is prefilled alone into its row, one chunk per scheduler step, and then
-joins the decode batch; every step decodes one token for all decoding rows at once. Each step also
-advances every prefill by a chunk, so a burst of new generations fills the batch within a few steps (and
-delays the running ones by that many chunks once). A generation that finishes (stop token or token
-budget) or is cancelled leaves between two steps: its row is reset and its slot taken by the next
-waiting generation. Rows do not interact (each has its own positions, and a
-row's keys are invisible to the others), so a generation computes the same tokens alone or in a batch.
+Memory: one `KVCache` pool of pages shared by every generation; a generation holds the pages its tokens
+need (sliding layers only their window). Prefixes: a new generation takes the cached pages of the
+longest prefix it shares with anything computed before (the same request earlier, the earlier turns of
+its conversation, a system prompt that other requests share) and computes only the rest.
 
-Requests are created and consumed on an asyncio event loop; the engine thread hands each token over
+Each scheduler step:
+1. generations whose client left are dropped, their pages given back (they stay cached);
+2. waiting generations are admitted in order while fewer than `max_batch` run and the pool has the
+   pages their prompt still needs; the first that does not fit waits, and those behind it with it;
+3. prefill: at most `chunk` prompt tokens in all, for the admitted generations in order, so a long
+   prompt takes several steps and delays the running streams by one chunk a step, not by its whole length;
+4. decode: one token for every generation whose prompt is in, all in one batch.
+A generation that needs a page when none is free preempts the youngest running one (possibly itself):
+that one gives back its pages, which stay cached, and waits at the head of the queue; on resuming it
+takes its own prefix back, recomputes at most a page, and goes on with the same tokens and the same
+random stream.
+
+Generations do not interact (each has its own positions and pages, and shared pages are never written),
+so a request computes the same tokens alone, in a batch, after a preemption, and with reuse on or off.
+Generations are created and consumed on an asyncio event loop; the engine thread hands each token over
 with `loop.call_soon_threadsafe`, so consumers simply `async for token in generation.tokens()`.
 """
 
@@ -18,16 +29,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
 from gptoss.errors import GptossError
-from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache
+from gptoss.generation.cache import PAGE_SIZE, PREFILL_CHUNK, CacheFull, ContextError, KVCache, Sequence
 from gptoss.generation.sampling import SamplingParams, sample
 from gptoss.generation.stopping import StopRule
 from gptoss.model.transformer import Transformer
+
+RATE_WINDOW_S = 10.0  # tokens per second in the metrics: over this many last seconds
 
 
 class EngineError(GptossError):
@@ -46,12 +61,12 @@ class Generation:
     """One request's generation: its prompt, budget and sampling, and the queue its tokens arrive on.
 
     Create it inside the event loop that consumes it. `tokens()` yields the new token ids, the stop token
-    included; afterwards `finish_reason` says why it ended. `cancel()` (or leaving `tokens()` early)
-    frees its slot at the next step.
+    included; afterwards `finish_reason` says why it ended and `cached_tokens` how much of the prompt was
+    reused from the cache. `cancel()` (or leaving `tokens()` early) frees its pages at the next step.
     """
 
-    def __init__(self, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-                 stop_tokens: Sequence[int] = ()):
+    def __init__(self, prompt: Seq[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                 stop_tokens: Seq[int] = ()):
         if not prompt:
             raise ContextError("the prompt needs at least one token")
         if max_new_tokens < 1:
@@ -63,12 +78,27 @@ class Generation:
         self.cancelled = False
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[int | _Finished] = asyncio.Queue()
-        # Engine-side state: tokens made so far, and how much of the prompt is in the cache.
+        self.cached_tokens = 0
+        self.started = False
+        # Engine-side state: the tokens made so far, and the sequence of pages its tokens are in (None while
+        # waiting; a preempted generation waits again and resumes from its cached prefix).
         self.generated: list[int] = []
-        self.prefilled = 0
+        self.sequence: Sequence | None = None
+
+    @property
+    def known_tokens(self) -> list[int]:
+        """Prompt and generated tokens: what the cache must hold before the next token is sampled."""
+        return self.prompt + self.generated
+
+    def pending(self) -> list[int]:
+        """The tokens not yet in the cache; while decoding, only the last generated one."""
+        return self.known_tokens[self.sequence.length:]
+
+    def decoding(self) -> bool:
+        return bool(self.generated) and self.sequence.length == len(self.known_tokens) - 1
 
     def cancel(self) -> None:
-        """Stops the generation; the engine frees the slot before its next step. Safe to call twice."""
+        """Stops the generation; the engine frees its pages before its next step. Safe to call twice."""
         self.cancelled = True
 
     async def tokens(self) -> AsyncIterator[int]:
@@ -83,7 +113,7 @@ class Generation:
                     return
                 yield item
         finally:
-            self.cancel()  # a no-op if finished; frees the slot if the consumer left early
+            self.cancel()  # a no-op if finished; frees the pages if the consumer left early
 
     def _deliver(self, item: int | _Finished) -> None:
         """Called from the engine thread."""
@@ -94,32 +124,40 @@ class Generation:
 
 
 class Engine:
-    """The scheduler thread and its batch KV cache. `start()`, then `submit()` generations; `close()` at the end."""
+    """The scheduler thread and its KV cache. `start()`, then `submit()` generations; `close()` at the end."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, context: int | None = None,
-                 chunk: int = PREFILL_CHUNK):
-        """chunk: prompt tokens prefilled per scheduler step, between two decode steps of the running
+                 kv_memory: int | None = None, chunk: int = PREFILL_CHUNK, page_size: int = PAGE_SIZE,
+                 prefix_reuse: bool = True):
+        """max_batch: generations running at once. context: tokens per request, prompt and completion
+        (default: the model's), lowered to what the KV memory holds. kv_memory: bytes of the page pool
+        (default: room for max_batch requests of `context` tokens). prefix_reuse: False computes every
+        prompt whole (for comparison).
+
+        chunk: prompt tokens prefilled per scheduler step, between two decode steps of the running
         requests. 512 (as `gptoss bench` and llama.cpp's micro-batch) against 128: a 1024-token prompt
         arriving beside 4 decoding streams gets its first token in 7.4 s instead of 15.2 s, and the
         streams wait up to 3.9 s instead of 2.1 s for one token (gpt-oss-20b geometry at 8 layers, 2 threads,
         `benchmarks/server_prefill_chunk.py`)."""
-        self.model = model
-        self.context = model.config.max_context if context is None else context
-        if max_batch < 1 or self.context < 2:
-            raise GptossError(f"the engine needs at least one slot and a context of 2 tokens, got max_batch "
-                              f"{max_batch} and context {self.context}")
-        self.chunk = chunk
-        self.cache = KVCache(model.config, max_batch, self.context, chunk=chunk, dtype=model.dtype,
-                             device=model.device)
-        self.slots: list[Generation | None] = [None] * max_batch
+        cfg = model.config
+        self.model, self.max_batch, self.chunk = model, max_batch, chunk
+        wanted = cfg.max_context if context is None else min(context, cfg.max_context)
+        if max_batch < 1 or wanted < 2:
+            raise GptossError(f"the engine needs at least one slot (max_batch) and a context of 2 tokens, got "
+                              f"max_batch {max_batch} and context {wanted}")
+        options = dict(page_size=page_size, chunk=chunk, dtype=model.dtype, device=model.device, prefix_reuse=prefix_reuse)
+        self.cache = (KVCache.for_tokens(cfg, wanted, max_batch, **options) if kv_memory is None
+                      else KVCache.for_bytes(cfg, kv_memory, **options))
+        self.context = min(wanted, self.cache.max_tokens())
+        if self.context < 2:
+            raise GptossError(f"{kv_memory} bytes of KV memory hold no request; give it more")
+        self.running: list[Generation] = []   # in the order they were admitted: the last is the youngest
         self._waiting: collections.deque[Generation] = collections.deque()
         self._wakeup = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="gptoss-engine", daemon=True)
-
-    @property
-    def max_batch(self) -> int:
-        return len(self.slots)
+        self.counters = collections.Counter()  # requests, prompt_tokens, cached_tokens, generated_tokens, ...
+        self._history: collections.deque[tuple[float, int, int]] = collections.deque()
 
     def start(self) -> Engine:
         self._thread.start()
@@ -134,7 +172,7 @@ class Engine:
             self._thread.join()
 
     def submit(self, generation: Generation) -> Generation:
-        """Queues `generation` for a slot; its tokens then arrive through `generation.tokens()`."""
+        """Queues `generation`; its tokens then arrive through `generation.tokens()`."""
         if len(generation.prompt) + generation.max_new_tokens > self.context:
             raise ContextError(f"prompt of {len(generation.prompt)} tokens plus {generation.max_new_tokens} new tokens "
                                f"exceeds the server's context of {self.context}")
@@ -146,95 +184,157 @@ class Engine:
         return generation
 
     def busy_slots(self) -> int:
-        return sum(r is not None for r in self.slots)
+        return len(self.running)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    def stats(self) -> dict:
+        """What /metrics reports: the pool, the queue, the counters, and tokens per second lately."""
+        c = self.cache
+        now, recent = time.monotonic(), list(self._history)
+        rates = {"prompt_tokens_per_second": 0.0, "generation_tokens_per_second": 0.0}
+        if len(recent) > 1 and recent[-1][0] > recent[0][0]:
+            seconds = max(now, recent[-1][0]) - recent[0][0]
+            rates = {"prompt_tokens_per_second": (recent[-1][1] - recent[0][1]) / seconds,
+                     "generation_tokens_per_second": (recent[-1][2] - recent[0][2]) / seconds}
+        return {"kv_pages": c.num_pages, "kv_pages_used": c.num_pages - c.free_pages, "kv_pages_cached": len(c.cached),
+                "kv_pages_free": c.free_pages, "kv_page_tokens": c.page_size, "kv_bytes": c.nbytes,
+                "waiting": len(self._waiting), "running": len(self.running), **dict(self.counters), **rates}
 
     # --- the scheduler thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.inference_mode():
             while self._next_step_ready():
-                self._free_cancelled()
+                self._drop_cancelled()
                 self._admit()
-                for i, generation in enumerate(self.slots):
-                    if generation is not None and generation.prefilled < len(generation.prompt):
-                        self._guarded([i], self._prefill_chunk)
-                decoding = [i for i, r in enumerate(self.slots) if r is not None and r.generated]
+                self._prefill()
+                decoding = [g for g in self.running if g.decoding()]
                 if decoding:
                     self._guarded(decoding, self._decode)
-        for generation in [*self._waiting, *filter(None, self.slots)]:
+                self._note_rates()
+        for generation in [*self._waiting, *self.running]:
             generation._deliver(_Finished("cancelled", EngineError("the server is shutting down")))
 
     def _next_step_ready(self) -> bool:
-        """Sleeps until there is work (a waiting generation, a busy slot) or a close; False on close."""
+        """Sleeps until there is work (a waiting or running generation) or a close; False on close."""
         with self._wakeup:
-            self._wakeup.wait_for(lambda: self._closed or self._waiting or self.busy_slots())
+            self._wakeup.wait_for(lambda: self._closed or self._waiting or self.running)
             return not self._closed
 
-    def _free_cancelled(self) -> None:
-        for i, generation in enumerate(self.slots):
-            if generation is not None and generation.cancelled:
-                self._finish(i, "cancelled")
+    def _drop_cancelled(self) -> None:
+        for generation in [g for g in self.running if g.cancelled]:
+            self._finish(generation, "cancelled")
         with self._wakeup:
-            cancelled = [r for r in self._waiting if r.cancelled]
-            self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+            cancelled = [g for g in self._waiting if g.cancelled]
+            self._waiting = collections.deque(g for g in self._waiting if not g.cancelled)
         for generation in cancelled:  # a consumer still reading tokens() learns it ended
             generation._deliver(_Finished("cancelled"))
 
     def _admit(self) -> None:
-        """Moves waiting generations into free slots (their rows were reset when the slot was freed)."""
+        """Moves waiting generations to the running ones, in order, while they fit (see the module doc)."""
         with self._wakeup:
-            for i, generation in enumerate(self.slots):
-                if generation is None and self._waiting:
-                    self.slots[i] = admitted = self._waiting.popleft()
-                    admitted.generator = admitted.params.generator(self.model.device)
+            while self._waiting and len(self.running) < self.max_batch:
+                generation = self._waiting[0]
+                sequence = self.cache.sequence()
+                reused = sequence.reuse_prefix(generation.known_tokens)
+                if self.running and sequence.pages_to_grow(len(generation.known_tokens)) > self.cache.free_pages:
+                    sequence.release()
+                    return
+                self._waiting.popleft()
+                generation.sequence = sequence
+                if not generation.started:  # admitted for the first time, not resumed after a preemption
+                    generation.started = True
+                    generation.generator = generation.params.generator(self.model.device)
+                    generation.cached_tokens = reused
+                    self.counters.update(requests=1, prompt_tokens=len(generation.prompt), cached_tokens=reused,
+                                         requests_with_cached_tokens=int(reused > 0))
+                self.running.append(generation)
 
-    def _prefill_chunk(self, slots: list[int]) -> None:
-        """The next chunk of slot i's prompt, alone in its own row; the first new token once it is all in."""
-        (i,) = slots
-        generation = self.slots[i]
-        start = generation.prefilled
-        ids = torch.tensor([generation.prompt[start:start + self.chunk]], device=self.model.device)
-        positions = torch.arange(start, start + ids.shape[1], device=self.model.device)[None]
-        logits = self.model(ids, positions, cache=self.cache.rows(i, i + 1), last_only=True)
-        generation.prefilled += ids.shape[1]
-        if generation.prefilled == len(generation.prompt):
-            self._accept(i, sample(logits[:, -1], generation.params, generation.generator))
+    def _prefill(self) -> None:
+        """Up to `chunk` prompt tokens, generation by generation in order; a generation whose prompt is
+        all in samples its first token."""
+        budget = self.chunk
+        for generation in [g for g in self.running if not g.decoding()]:
+            if budget == 0:
+                return
+            if generation.sequence is None:  # preempted by an earlier prefill of this step
+                continue
+            piece = generation.pending()[:budget]
+            self._guarded([generation], lambda gens: self._forward(gens, [piece]))
+            self.counters.update(prefilled_tokens=len(piece))
+            budget -= len(piece)
 
-    def _decode(self, slots: list[int]) -> None:
-        """One new token for each of `slots`; idle rows among them are padding (position -1)."""
-        rows = max(slots) + 1  # rows after the last decoding one are left out altogether
-        ids = torch.zeros(rows, 1, dtype=torch.long)
-        positions = torch.full((rows, 1), -1, dtype=torch.long)
-        for i in slots:
-            generation = self.slots[i]
-            ids[i, 0] = generation.generated[-1]
-            positions[i, 0] = len(generation.prompt) + len(generation.generated) - 1
-        device = self.model.device
-        logits = self.model(ids.to(device), positions.to(device), cache=self.cache.rows(0, rows), last_only=True)
-        for i in slots:
-            generation = self.slots[i]
-            self._accept(i, sample(logits[i:i + 1, -1], generation.params, generation.generator))
+    def _decode(self, generations: list[Generation]) -> None:
+        """One new token for each of `generations`, in one batch."""
+        self._forward(generations, [[g.generated[-1]] for g in generations])
 
-    def _accept(self, i: int, token: torch.Tensor) -> None:
-        """Hands a new token to slot i's generation; frees the slot if that ends it."""
-        generation = self.slots[i]
+    def _forward(self, generations: list[Generation], tokens: list[list[int]]) -> None:
+        """Feeds tokens[i] to generations[i] in one batch (preempting for pages if needed); each generation
+        whose tokens are then all in the cache samples its next one."""
+        batch, kept = self._batch(generations, tokens)
+        if batch is None:
+            return
+        ids = torch.tensor([tokens[i] for i in kept], device=self.model.device)
+        logits = self.model(ids, cache=batch, last_only=True)
+        for row, i in enumerate(kept):
+            generation = generations[i]
+            if generation.sequence.length == len(generation.known_tokens):
+                self._accept(generation, sample(logits[row:row + 1, -1], generation.params, generation.generator))
+
+    def _batch(self, generations: list[Generation], tokens: list[list[int]]):
+        """The cache of a pass, and the indices of the generations still in it: while pages run out, the
+        youngest running generation is preempted (possibly one of these, which then leaves the pass)."""
+        kept = list(range(len(generations)))
+        while kept:
+            try:
+                return self.cache.batch([generations[i].sequence for i in kept], [tokens[i] for i in kept]), kept
+            except CacheFull:
+                if len(self.running) == 1:
+                    raise  # a lone request always fits (submit checks it): this is a bug
+                victim = self.running[-1]
+                self._preempt(victim)
+                kept = [i for i in kept if generations[i] is not victim]
+        return None, []
+
+    def _preempt(self, generation: Generation) -> None:
+        generation.sequence.release()
+        generation.sequence = None
+        self.running.remove(generation)
+        with self._wakeup:
+            self._waiting.appendleft(generation)
+        self.counters.update(preemptions=1)
+
+    def _accept(self, generation: Generation, token: torch.Tensor) -> None:
+        """Hands a new token to the generation; finishes it if that ends it."""
         token = int(token)
         generation.generated.append(token)
         generation._deliver(token)
+        self.counters.update(generated_tokens=1)
         if reason := generation.stop_rule.finish_reason(token, len(generation.generated)):
-            self._finish(i, reason)
+            self._finish(generation, reason)
 
-    def _finish(self, i: int, reason: str, error: Exception | None = None) -> None:
-        """Ends slot i's generation and resets its row at once, so the slot can take the next generation."""
-        generation, self.slots[i] = self.slots[i], None
-        self.cache.rows(i, i + 1).reset()
-        generation._deliver(_Finished(reason, error))  # after the reset: a finished generation holds no cache
+    def _finish(self, generation: Generation, reason: str, error: Exception | None = None) -> None:
+        """Ends the generation and gives its pages back at once (its registered pages stay cached)."""
+        if generation in self.running:
+            self.running.remove(generation)
+        if generation.sequence is not None:
+            generation.sequence.release()
+            generation.sequence = None
+        generation._deliver(_Finished(reason, error))  # after the release: a finished generation holds no pages
 
-    def _guarded(self, slots: list[int], step) -> None:
-        """Runs step(slots); if it raises, those generations fail with the error and the engine goes on."""
+    def _guarded(self, generations: list[Generation], step) -> None:
+        """Runs step(generations); if it raises, those generations fail with the error and the engine goes on."""
         try:
-            step(slots)
+            step(generations)
         except Exception as e:  # a bug or out of memory: report it to the clients rather than hang them
-            for i in slots:
-                if self.slots[i] is not None:
-                    self._finish(i, "error", e)
+            for generation in generations:
+                if generation in self.running:
+                    self._finish(generation, "error", e)
+
+    def _note_rates(self) -> None:
+        now = time.monotonic()
+        self._history.append((now, self.counters["prefilled_tokens"], self.counters["generated_tokens"]))
+        while len(self._history) > 2 and self._history[1][0] < now - RATE_WINDOW_S:
+            self._history.popleft()
