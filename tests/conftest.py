@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -57,3 +60,23 @@ def tmp_checkpoint(tmp_path):
         return write_random_checkpoint(cfg, tmp_path / (name or f"{layout}-{seed}"), layout=layout, seed=seed, **kw)
 
     return make
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """`app` under uvicorn in a thread, on a free loopback port; yields its base URL; always shut down."""
+    import uvicorn
+
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not uv.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()

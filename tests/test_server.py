@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +24,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from gptoss import load_model
+from gptoss.chat.grammar import OutputRules
 from gptoss.chat.harmony import Chat, FunctionTool, parse_completion, render_for_completion, stop_tokens
 from gptoss.chat.tokenizer import get_tokenizer
 from gptoss.cli import serve
@@ -36,6 +36,7 @@ from gptoss.server import Engine, create_app
 from gptoss.server import engine as engine_module
 from gptoss.server.outputs import ChatOutput, ResponsesOutput
 from gptoss.weights.random_checkpoint import write_random_checkpoint
+from tests.conftest import running_server
 
 MODEL = "tiny-random"
 CONTEXT = 512
@@ -62,20 +63,8 @@ def model(checkpoint):
 def server(model):
     """The app under uvicorn in a thread, on a free loopback port; always shut down at the end."""
     engine = Engine(model, max_batch=SLOTS, context=CONTEXT)
-    uv = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not uv.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        port = uv.servers[0].sockets[0].getsockname()[1]
-        yield type("Server", (), {"url": f"http://127.0.0.1:{port}", "engine": engine})
-    finally:
-        uv.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive()
+    with running_server(create_app(engine, MODEL)) as url:
+        yield type("Server", (), {"url": url, "engine": engine})
 
 
 @pytest.fixture
@@ -83,10 +72,11 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def expected(model, chat: Chat, max_tokens: int):
-    """The prompt, and what greedy `generate` makes of it, as tokens and as harmony messages."""
+def expected(model, chat: Chat, max_tokens: int, rules: OutputRules | None = None):
+    """The prompt, and what greedy `generate` makes of it, as tokens and as harmony messages. With tools
+    offered, the server holds tool calls to their schemas: pass the same `rules`."""
     prompt = render_for_completion(chat)
-    tokens = generate(model, prompt, max_tokens, stop_tokens=stop_tokens())
+    tokens = generate(model, prompt, max_tokens, stop_tokens=stop_tokens(), rules=rules)
     return prompt, tokens, parse_completion(tokens)
 
 
@@ -232,7 +222,7 @@ def test_tool_call_and_its_result_round_trip_in_chat(client, model, forced_tool_
                           {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
     chat = (Chat(tools=[WEATHER]).user("Weather in Paris?").tool_call("get_weather", call.function.arguments)
             .tool_result("get_weather", '{"temperature": 21}'))
-    prompt, _, parsed = expected(model, chat, 8)
+    prompt, _, parsed = expected(model, chat, 8, OutputRules(tools=(WEATHER,)))
     r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER_TOOL], max_tokens=8,
                                        temperature=0)
     assert r.usage.prompt_tokens == len(prompt) and r.choices[0].message.content == answer(parsed)
@@ -249,7 +239,7 @@ def test_function_call_and_its_output_round_trip_in_responses(client, model, for
              {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
              {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
     chat = Chat(tools=[WEATHER]).user("Weather in Paris?").tool_call("get_weather", call.arguments)
-    prompt, _, parsed = expected(model, chat.tool_result("get_weather", "sunny"), 8)
+    prompt, _, parsed = expected(model, chat.tool_result("get_weather", "sunny"), 8, OutputRules(tools=(WEATHER,)))
     r = client.responses.create(model=MODEL, input=items, tools=[{"type": "function", **WEATHER_TOOL["function"]}],
                                 max_output_tokens=8, temperature=0)
     assert r.usage.input_tokens == len(prompt) and r.output_text == answer(parsed)
@@ -361,12 +351,26 @@ BAD_REQUESTS = [  # (what is wrong, endpoint, body, status, param)
     ("temperature below 0", "chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
     ("top_p above 1", "completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
-    ("n above 1", "completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
+    ("n above 16", "completions", {"model": MODEL, "prompt": "hi", "n": 17}, 400, "n"),
     ("token id outside the vocabulary", "completions", {"model": MODEL, "prompt": [10**7]}, 400, "prompt"),
     ("empty prompt", "completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
-    ("forced tool choice", "chat/completions",
+    ("tool choice naming no tool", "chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL],
-      "tool_choice": "required"}, 400, "tool_choice"),
+      "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, 400, "tool_choice"),
+    ("tool choice required without tools", "responses", {"model": MODEL, "input": "hi", "tool_choice": "required"},
+     400, "tool_choice"),
+    ("a field the API does not have", "chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temprature": 0.5}, 400, "temprature"),
+    ("store in chat completions", "chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "store": True}, 400, "store"),
+    ("suffix", "completions", {"model": MODEL, "prompt": "hi", "suffix": "bye"}, 400, "suffix"),
+    ("include of something unsupported", "responses",
+     {"model": MODEL, "input": "hi", "include": ["file_search_call.results"]}, 400, "include"),
+    ("previous response that does not exist", "responses",
+     {"model": MODEL, "input": "hi", "previous_response_id": "resp_nope"}, 404, "previous_response_id"),
+    ("logit bias on no token", "chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"999999": 5}}, 400,
+     "logit_bias"),
     ("tool result for no call", "chat/completions",
      {"model": MODEL, "messages": [{"role": "tool", "tool_call_id": "call_x", "content": "1"}]}, 400,
      "messages.0.tool_call_id"),
@@ -425,16 +429,18 @@ def test_an_engine_failure_is_a_500_and_the_server_goes_on(client, server, monke
     assert server.engine.busy_slots() == 0
 
 
-def test_serve_command_builds_the_engine_and_app_from_its_options(checkpoint, monkeypatch):
+def test_serve_command_builds_the_engine_and_app_from_its_options(checkpoint, monkeypatch, tmp_path):
     parser = argparse.ArgumentParser()
     serve.register(parser.add_subparsers())
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.update(app=app, host=host, port=port))
     args = parser.parse_args(["serve", "--model", str(checkpoint), "--port", "9001", "--max-batch", "3",
-                              "--max-context", "256", "--served-model-name", "mine"])
+                              "--max-context", "256", "--served-model-name", "mine",
+                              "--store-path", str(tmp_path / "responses.sqlite3")])
     assert args.func(args) == 0
     engine = served["app"].state.engine
     assert (served["host"], served["port"], engine.max_batch, engine.context) == ("127.0.0.1", 9001, 3, 256)
     assert TestClient(served["app"]).get("/v1/models").json()["data"][0]["id"] == "mine"
+    assert (tmp_path / "responses.sqlite3").exists()
     with pytest.raises(GptossError, match="at least one slot"):
         args.func(parser.parse_args(["serve", "--model", str(checkpoint), "--max-batch", "0"]))

@@ -159,7 +159,7 @@ def test_one_decoder_for_every_output(monkeypatch):
 
     completion = CompletionOutput([], eos_tokens=(SPECIAL["<|return|>"],))
     pieces = [piece for t in tokens for piece in completion.feed(t)] + completion.end()
-    assert "".join(pieces) == expected
+    assert "".join(piece["text"] for piece in pieces) == expected
 
     parser = StreamParser()                              # a header that breaks at once: all of it salvaged
     for t in tokens:

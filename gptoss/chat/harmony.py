@@ -76,6 +76,20 @@ class ParsedMessage:
                        channel=self.channel, recipient=self.recipient, content_type=self.content_type)
 
 
+@dataclass(frozen=True)
+class ResponseFormat:
+    """A JSON schema the final answer must follow, told to the model in the developer message the way
+    harmony's guide does (a "# Response Formats" section); `gptoss.chat.grammar` enforces it."""
+
+    name: str
+    schema: dict
+    description: str | None = None
+
+    def render(self) -> str:
+        comment = f"// {self.description}\n" if self.description else ""
+        return f"# Response Formats\n\n## {self.name}\n\n{comment}{json.dumps(self.schema)}"
+
+
 class Chat:
     """Builds a harmony conversation: system settings, developer instructions and tools, then the turns.
 
@@ -84,7 +98,7 @@ class Chat:
 
     def __init__(self, *, reasoning_effort: str = "medium", knowledge_cutoff: str = "2024-06",
                  current_date: str | None = None, developer_instructions: str | None = None,
-                 tools: Iterable[FunctionTool] = ()):
+                 tools: Iterable[FunctionTool] = (), response_format: ResponseFormat | None = None):
         if reasoning_effort not in REASONING_EFFORTS:
             raise GptossError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}, "
                               f"got {reasoning_effort!r}")
@@ -93,6 +107,7 @@ class Chat:
         self.current_date = current_date or datetime.date.today().isoformat()
         self.developer_instructions = developer_instructions
         self.tools = list(tools)
+        self.response_format = response_format
         self.turns: list[Message] = []
 
     def user(self, text: str) -> Chat:
@@ -128,10 +143,12 @@ class Chat:
         system = (SystemContent.new().with_reasoning_effort(REASONING_EFFORTS[self.reasoning_effort])
                   .with_knowledge_cutoff(self.knowledge_cutoff).with_conversation_start_date(self.current_date))
         messages = [Message.from_role_and_content(Role.SYSTEM, system)]
-        if self.developer_instructions or self.tools:
+        instructions = "\n\n".join(filter(None, [self.developer_instructions,
+                                                  self.response_format and self.response_format.render()]))
+        if instructions or self.tools:
             developer = DeveloperContent.new()
-            if self.developer_instructions:
-                developer = developer.with_instructions(self.developer_instructions)
+            if instructions:
+                developer = developer.with_instructions(instructions)
             if self.tools:
                 developer = developer.with_function_tools(
                     [ToolDescription.new(t.name, t.description, t.parameters) for t in self.tools])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from gptoss.cli.options import add_kv_memory_option, add_model_options, kv_memory, load_from_args
+from gptoss.cli.options import add_kv_memory_option, add_model_options, kv_memory, load_from_args, parse_bytes
 
 
 def register(subparsers) -> None:
@@ -21,6 +22,10 @@ def register(subparsers) -> None:
     add_kv_memory_option(p)
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="compute every prompt whole instead of reusing cached prefixes (for comparison)")
+    p.add_argument("--store-path", type=Path, help="SQLite file of stored responses (Responses API `store`, "
+                                                   "`previous_response_id`; default: ~/.cache/gptoss/responses.sqlite3)")
+    p.add_argument("--store-size", default="256MiB", help="stored responses beyond this many bytes are dropped, "
+                                                          "oldest first (default 256MiB)")
     p.add_argument("--served-model-name", help="the model id clients send (default: --model as given)")
     p.set_defaults(func=run)
 
@@ -29,6 +34,7 @@ def run(args) -> int:
     import uvicorn
 
     from gptoss.server import Engine, create_app
+    from gptoss.server.store import ResponseStore, default_store_path
 
     model = load_from_args(args)
     memory = kv_memory(args, model, args.max_batch, min(args.max_context or model.config.max_context,
@@ -40,5 +46,7 @@ def run(args) -> int:
     print(f"gptoss serve: {name} on http://{args.host}:{args.port}/v1, up to {engine.max_batch} requests at once "
           f"of up to {engine.context} tokens; KV cache {cache.nbytes / 2**20:.1f} MiB ({cache.num_pages} pages of "
           f"{cache.page_size} tokens), prefix reuse {'off' if args.no_prefix_cache else 'on'}", file=sys.stderr)
-    uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="warning")
+    store = ResponseStore(args.store_path or default_store_path(), parse_bytes(args.store_size, "--store-size"))
+    print(f"gptoss serve: stored responses in {store.path}", file=sys.stderr)
+    uvicorn.run(create_app(engine, name, store), host=args.host, port=args.port, log_level="warning")
     return 0

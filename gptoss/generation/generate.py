@@ -7,9 +7,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from gptoss.chat.grammar import Constraint, OutputRules
 from gptoss.chat.tokenizer import TextDecoder
 from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache, pages_per_sequence
-from gptoss.generation.sampling import SamplingParams, sample
+from gptoss.generation.sampling import SamplingParams, adjust, sample
 from gptoss.generation.stopping import StopRule
 from gptoss.model.transformer import Transformer
 
@@ -27,13 +28,16 @@ def _as_batch(prompt_ids) -> list[list[int]]:
 @torch.inference_mode()
 def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
-                 chunk: int = PREFILL_CHUNK, cache: KVCache | None = None) -> Iterator[list[int | None]]:
+                 chunk: int = PREFILL_CHUNK, cache: KVCache | None = None,
+                 rules: OutputRules | None = None) -> Iterator[list[int | None]]:
     """Yields, per step, one new token per prompt (None for prompts that already stopped).
 
     Each prompt is prefilled alone, in chunks, then all are decoded together; rows never see each other's
     keys, so each computes exactly what it would alone. `cache`: a KVCache kept between calls, so that a
     prompt that begins like an earlier one (or like an earlier prompt and its completion: a conversation's
     next turn) computes only the rest; without one, a cache just large enough is made for the call.
+    `rules`: the harmony completion must follow them (`gptoss.chat.grammar`: a JSON answer, tool calls
+    with valid arguments); a row whose grammar is complete stops.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ContextError("every prompt needs at least one token")
@@ -64,10 +68,23 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
         logits = torch.cat(last)
         generator = params.generator(device)
         stopped = [False] * len(prompts)
+        generated: list[list[int]] = [[] for _ in prompts]
+        constraints = [Constraint(rules, model.config.vocab_size) if rules is not None and rules.constrained else None
+                       for _ in prompts]
         for count in range(1, max_new_tokens + 1):
+            if params.adjusts_logits:  # logit bias and penalties: per row, after its own tokens
+                logits = torch.cat([adjust(logits[r:r + 1], params, generated[r]) for r in range(len(prompts))])
+            for row, constraint in enumerate(constraints):
+                if constraint is not None and not stopped[row]:
+                    constraint.mask(logits[row:row + 1])
             tokens = sample(logits, params, generator).tolist()
+            for row, token in enumerate(tokens):
+                generated[row].append(token)
+                if constraints[row] is not None and not stopped[row]:
+                    constraints[row].advance(token)
             yield [None if done else t for t, done in zip(tokens, stopped)]
-            stopped = [done or rule.finish_reason(t, count) is not None for t, done in zip(tokens, stopped)]
+            stopped = [done or rule.finish_reason(t, count) is not None or (c is not None and c.finished)
+                       for t, done, c in zip(tokens, stopped, constraints)]
             if all(stopped):
                 return
             step = [[t] for t in tokens]
@@ -79,9 +96,9 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
 
 def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
            params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (), chunk: int = PREFILL_CHUNK,
-           cache: KVCache | None = None) -> Iterator[int]:
+           cache: KVCache | None = None, rules: OutputRules | None = None) -> Iterator[int]:
     """Yields the new tokens of one prompt as they come, the stop token included."""
-    for (token,) in stream_batch(model, [prompt_ids], max_new_tokens, params, stop_tokens, chunk, cache):
+    for (token,) in stream_batch(model, [prompt_ids], max_new_tokens, params, stop_tokens, chunk, cache, rules):
         yield token
 
 
@@ -101,17 +118,18 @@ def stream_text(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: i
 def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              seed: int | None = None, stop_tokens: Sequence[int] | None = None, chunk: int = PREFILL_CHUNK,
-             cache: KVCache | None = None):
+             cache: KVCache | None = None, rules: OutputRules | None = None):
     """New token ids for one prompt (a list of ints) or for each of a batch of prompts (a list of lists).
 
     Stops at max_new_tokens or after a stop token (which is included); stop tokens default to the
-    model's end-of-sequence tokens. `cache`: a KVCache kept between calls (see `stream_batch`).
+    model's end-of-sequence tokens. `cache`: a KVCache kept between calls; `rules`: what a harmony
+    completion must look like (see `stream_batch`).
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, seed)
     stop = model.config.eos_token_ids if stop_tokens is None else stop_tokens
     prompts = _as_batch(prompt_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in stream_batch(model, prompts, max_new_tokens, params, stop, chunk, cache):
+    for step in stream_batch(model, prompts, max_new_tokens, params, stop, chunk, cache, rules):
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)

@@ -1,8 +1,11 @@
-"""Turning logits into the next token: greedy, or temperature with top-k, top-p and min-p filters."""
+"""Turning logits into the next token: greedy, or temperature with top-k, top-p and min-p filters, after
+OpenAI's logit bias and presence / frequency penalties."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +19,9 @@ class SamplingParams:
     top_p: float | None = None    # keep the smallest set whose probability reaches p
     min_p: float | None = None    # drop tokens below min_p x the top token's probability
     seed: int | None = None       # makes sampled runs reproducible
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # added to those tokens' logits
+    presence_penalty: float = 0.0   # subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted from a token's logit per time it was generated
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -26,10 +32,34 @@ class SamplingParams:
             raise GptossError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise GptossError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise GptossError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def generator(self, device: str | torch.device = "cpu") -> torch.Generator | None:
         """A generator for `sample` on `device` (where the logits live), or None when unseeded."""
         return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+
+def adjust(logits: torch.Tensor, params: SamplingParams, generated: Sequence[int] = ()) -> torch.Tensor:
+    """logits [1, V] with the logit bias and the penalties for the tokens `generated` so far, as OpenAI
+    defines them: logit - presence_penalty * (count > 0) - frequency_penalty * count + bias."""
+    if not params.adjusts_logits:
+        return logits
+    logits = logits.clone()
+    counts = Counter(generated)
+    if counts:
+        ids = torch.tensor(list(counts), device=logits.device)
+        n = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[:, ids] -= params.presence_penalty + params.frequency_penalty * n
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        logits[:, ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,13 +1,16 @@
 """The OpenAI-compatible HTTP API on top of the engine: models, chat completions, responses, completions.
 
-Each endpoint does the same four things: validate the request (`schemas`; bad input is a 4xx in
-OpenAI's error shape), build the prompt (`prompts`: harmony for chat and responses, the raw text for
-completions), check that prompt and completion fit the context, and turn the generated tokens into the
-API's objects (`outputs`), streamed as server-sent events or summed up into one answer.
+Each endpoint does the same things: validate the request (`schemas`; bad input is a 4xx in OpenAI's
+error shape), build the prompt and the rules its completion must follow (`prompts`: harmony for chat and
+responses, the raw text for completions), check that prompt and completion fit the context, run one
+generation per choice, and turn the generated tokens into the API's objects (`outputs`), streamed as
+server-sent events or summed up into one answer. Responses are stored (`store`, SQLite) so that a next
+turn can name them as `previous_response_id`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,34 +21,90 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
+from gptoss.chat.grammar import Constraint, OutputRules, lltokenizer
 from gptoss.chat.harmony import get_encoding, render_for_completion, stop_tokens
-from gptoss.chat.tokenizer import get_tokenizer
+from gptoss.chat.tokenizer import TextDecoder, get_tokenizer
 from gptoss.errors import GptossError
-from gptoss.server.engine import RATE_WINDOW_S, Engine, EngineError, Generation
+from gptoss.generation.sampling import SamplingParams
+from gptoss.server.engine import Engine, EngineError, Generation
 from gptoss.server.errors import APIError, validation_error
-from gptoss.server.outputs import ChatOutput, CompletionOutput, Output, ResponsesOutput, new_id
-from gptoss.server.prompts import chat_from_messages, chat_from_responses_input, token_budget
-from gptoss.server.schemas import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from gptoss.server.metrics import MetricsCollector
+from gptoss.server.outputs import ChatOutput, CompletionOutput, Output, ResponsesOutput, new_id, token_entry
+from gptoss.server.prompts import chat_from_messages, chat_from_responses_input, input_items, token_budget
+from gptoss.server.schemas import ChatCompletionRequest, CompletionRequest, InputItem, ResponsesRequest
+from gptoss.server.store import ResponseStore
+
+# --- generations and their pieces -------------------------------------------------------------------------
 
 
-async def drive(engine: Engine, generation: Generation, output: Output) -> AsyncIterator:
-    """Submits `generation` and yields what `output` makes of its tokens. Leaving early (a stop string, a
-    client that went away) cancels the generation, which frees its slot."""
+@dataclass
+class Choice:
+    """One generation and what its endpoint makes of it."""
+
+    generation: Generation
+    output: Output
+
+
+async def drive(engine: Engine, choice: Choice, first_token: asyncio.Event | None = None) -> AsyncIterator:
+    """Submits the choice's generation and yields what its output makes of the tokens (with their
+    logprobs when asked for). Leaving early (a stop string, a client that went away) cancels it."""
+    generation, output = choice.generation, choice.output
     engine.submit(generation)
     try:
         async for token in generation.tokens():
-            for piece in output.feed(token):
+            if first_token is not None:
+                first_token.set()
+            logprobs = generation.logprobs[output.completion_tokens] if generation.top_logprobs is not None else None
+            for piece in output.feed(token, logprobs):
                 yield piece
             if output.stopped:
                 return
         for piece in output.end():
             yield piece
     finally:
+        if first_token is not None:
+            first_token.set()
         generation.cancel()
+
+
+_DONE = object()
+
+
+async def pieces_of(engine: Engine, choices: list[Choice]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, piece) of every choice as they come. With several choices (`n`) the first runs alone
+    until its first token: by then its prompt is in the cache, and the others take it from there."""
+    queue: asyncio.Queue = asyncio.Queue()
+    prompt_in = asyncio.Event()
+
+    async def run(i: int, choice: Choice):
+        try:
+            if i:
+                await prompt_in.wait()
+            async for piece in drive(engine, choice, prompt_in if i == 0 else None):
+                await queue.put((i, piece))
+        except Exception as e:  # handed to the consumer, which raises it
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, _DONE))
+
+    tasks = [asyncio.create_task(run(i, c)) for i, c in enumerate(choices)]
+    try:
+        running = len(choices)
+        while running:
+            i, item = await queue.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def sse(data: dict | str, event: str | None = None) -> str:
@@ -61,69 +120,59 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def chunk_events(head: dict, pieces: AsyncIterator, chunk: Callable[[Any], dict], empty: Any,
-                       finish_reason: Callable[[], str], usage: Callable[[], dict] | None) -> AsyncIterator[str]:
-    """The SSE of a chat or text completion: a chunk per piece, one with the finish reason, one with the
-    usage if asked, then [DONE]. An engine failure ends the stream with an error, which clients raise."""
+async def chunk_events(head: dict, pieces: AsyncIterator[tuple[int, Any]], chunk: Callable[..., dict], count: int,
+                       finish_reason: Callable[[int], str], usage: Callable[[], dict] | None) -> AsyncIterator[str]:
+    """The SSE of a chat or text completion: a chunk per piece, one per choice with its finish reason, one
+    with the usage if asked, then [DONE]. An engine failure ends the stream with an error, which clients raise."""
     try:
-        async for piece in pieces:
-            yield sse(chunk(piece))
+        async for i, piece in pieces:
+            yield sse(chunk(i, piece))
     except EngineError as e:
         yield sse(server_error(e))
         return
-    yield sse(chunk(empty, finish_reason()))
+    for i in range(count):
+        yield sse(chunk(i, None, finish_reason(i)))
     if usage:
         yield sse({**head, "choices": [], "usage": usage()})
     yield sse("[DONE]")
 
 
-def usage(prompt: list[int], output: Output, generation: Generation) -> dict:
-    """Chat and text completions' usage; cached_tokens: the prompt tokens reused from the KV cache."""
-    return {"prompt_tokens": len(prompt), "completion_tokens": output.completion_tokens,
-            "total_tokens": len(prompt) + output.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": generation.cached_tokens}}
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    """Chat and text completions' usage: the prompt counted once, the completions of every choice;
+    cached_tokens: the prompt tokens reused from the KV cache (by the first choice; the others reuse it)."""
+    completion = sum(c.output.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": choices[0].generation.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": sum(c.output.reasoning_tokens for c in choices)}}
 
 
-class MetricsCollector:
-    """Reads `Engine.stats()` at each scrape, for a registry of its own (several apps, several engines)."""
-
-    GAUGES = {"kv_pages": "pages in the KV cache", "kv_pages_used": "KV pages held by running requests",
-              "kv_pages_cached": "free KV pages that keep a reusable prefix", "kv_pages_free": "KV pages a request can take",
-              "kv_page_tokens": "positions per KV page", "kv_bytes": "bytes of the KV cache",
-              "waiting": "requests waiting to start", "running": "requests being generated",
-              "prompt_tokens_per_second": f"prompt tokens computed per second (last {RATE_WINDOW_S:.0f} s)",
-              "generation_tokens_per_second": f"tokens generated per second (last {RATE_WINDOW_S:.0f} s)"}
-    COUNTERS = {"requests": "requests started", "prompt_tokens": "prompt tokens of the requests started",
-                "cached_tokens": "prompt tokens reused from the prefix cache",
-                "requests_with_cached_tokens": "requests that reused a cached prefix",
-                "prefilled_tokens": "prompt tokens computed", "generated_tokens": "tokens generated",
-                "preemptions": "requests paused to free KV pages"}
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
-
-    def collect(self):
-        stats = self.engine.stats()
-        for name, help in self.GAUGES.items():
-            yield GaugeMetricFamily(f"gptoss_{name}", help, value=stats.get(name, 0))
-        for name, help in self.COUNTERS.items():
-            yield CounterMetricFamily(f"gptoss_{name}", help, value=stats.get(name, 0))
+# --- what the endpoints serve ------------------------------------------------------------------------------
 
 
 @dataclass
 class Served:
-    """What the endpoints serve: the engine, the model id clients send, and when the server started."""
+    """What the endpoints serve: the engine, the model id clients send, the response store, and when the
+    server started."""
 
     engine: Engine
     model_name: str
+    store: ResponseStore
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.config.vocab_size
+
+    def generation(self, prompt: list[int], budget: int, params: SamplingParams, stops, rules: OutputRules | None,
+                   top_logprobs: int | None, prompt_logprobs: bool = False) -> Generation:
+        constraint = Constraint(rules, self.vocab_size) if rules is not None and rules.constrained else None
+        return Generation(prompt, budget, params, stops, constraint=constraint, top_logprobs=top_logprobs,
+                          prompt_logprobs=prompt_logprobs)
 
 
 def served(http: Request) -> Served:
@@ -154,99 +203,204 @@ async def metrics(s: ServedDep):
     return Response(generate_latest(MetricsCollector(s.engine).registry), media_type=CONTENT_TYPE_LATEST)
 
 
+# --- chat completions --------------------------------------------------------------------------------------
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, s: ServedDep):
     s.check_model(body.model)
+    body.check_supported()
     stops = body.stop_strings()
-    prompt = render_for_completion(chat_from_messages(body))
+    chat, rules = chat_from_messages(body)
+    prompt = render_for_completion(chat)
     asked = body.max_completion_tokens or body.max_tokens
     budget = token_budget(len(prompt), asked, s.engine.context, "messages",
                           "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-    generation = Generation(prompt, budget, body.sampling(), stop_tokens())
-    output = ChatOutput(stops)
-    head = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
-            "model": s.model_name}
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    params = body.sampling(s.vocab_size)
+    choices = [Choice(s.generation(prompt, budget, params, stop_tokens(), rules, top), ChatOutput(stops))
+               for _ in range(body.n)]
+    head = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": s.model_name,
+            "service_tier": "default", "system_fingerprint": None}
+
+    def finish_reason(i: int) -> str:
+        return choices[i].output.finish_reason(choices[i].generation.finish_reason)
+
     if not body.stream:
-        deltas = [d async for d in drive(s.engine, generation, output)]
-        return {**head, "usage": usage(prompt, output, generation),
-                "choices": [{"index": 0, "message": ChatOutput.message(deltas), "logprobs": None,
-                             "finish_reason": output.finish_reason(generation.finish_reason)}]}
+        deltas: list[list[dict]] = [[] for _ in choices]
+        async for i, delta in pieces_of(s.engine, choices):
+            deltas[i].append(delta)
+        return {**head, "usage": usage(len(prompt), choices),
+                "choices": [{"index": i, "message": ChatOutput.message(d),
+                             "logprobs": ChatOutput.logprobs(d) if top is not None else None,
+                             "finish_reason": finish_reason(i)} for i, d in enumerate(deltas)]}
 
     head["object"] = "chat.completion.chunk"
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> dict:
-        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    def chunk(i: int, delta: dict | None, finish: str | None = None) -> dict:
+        delta = dict(delta or {})
+        logprobs = delta.pop("logprobs", None)
+        return {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish,
+                                     "logprobs": {"content": logprobs, "refusal": None} if logprobs else None}]}
 
-    async def deltas():
-        yield {"role": "assistant", "content": ""}
-        async for delta in drive(s.engine, generation, output):
-            yield delta
+    async def with_roles():
+        for i in range(len(choices)):
+            yield i, {"role": "assistant", "content": ""}
+        async for piece in pieces_of(s.engine, choices):
+            yield piece
 
-    return event_stream(chunk_events(head, deltas(), chunk, {}, lambda: output.finish_reason(generation.finish_reason),
-                                     (lambda: usage(prompt, output, generation)) if body.include_usage() else None))
+    return event_stream(chunk_events(head, with_roles(), chunk, len(choices), finish_reason,
+                                     (lambda: usage(len(prompt), choices)) if body.include_usage() else None))
+
+
+# --- text completions --------------------------------------------------------------------------------------
+
+
+def completion_logprobs(entries: list, offset: int) -> dict:
+    """Legacy completions' columnar logprobs for the tokens of a piece of text starting at `offset`;
+    `entries` holds TokenLogprobs, or (token, None) for a prompt's first token, which has none."""
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for entry in entries:
+        token, logprob, top = (entry, None, None) if isinstance(entry, int) else (entry.token, entry.logprob, entry.top)
+        text = token_entry(token, 0.0)["token"]
+        tokens.append(text)
+        logprobs.append(logprob)
+        tops.append(None if top is None else {token_entry(t, 0.0)["token"]: v for t, v in top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, s: ServedDep):
     s.check_model(body.model)
+    body.check_supported()
     stops = body.stop_strings()
-    prompt = body.prompt if isinstance(body.prompt, list) else get_tokenizer().encode(body.prompt,
-                                                                                      allowed_special="all")
-    vocab = s.engine.model.config.vocab_size
-    if any(not 0 <= t < vocab for t in prompt):
-        raise APIError(400, f"prompt holds token ids outside 0..{vocab - 1}", param="prompt")
-    budget = token_budget(len(prompt), body.max_tokens, s.engine.context, "prompt", "max_tokens")
     eos = s.engine.model.config.eos_token_ids
-    generation = Generation(prompt, budget, body.sampling(), eos)
-    output = CompletionOutput(stops, eos)
+    params = body.sampling(s.vocab_size)
+    choices, echoes, prompt_tokens = [], [], 0
+    for prompt in body.prompts():
+        ids = prompt if isinstance(prompt, list) else get_tokenizer().encode(prompt, allowed_special="all")
+        if any(not 0 <= t < s.vocab_size for t in ids):
+            raise APIError(400, f"prompt holds token ids outside 0..{s.vocab_size - 1}", param="prompt")
+        budget = token_budget(len(ids), body.max_tokens, s.engine.context, "prompt", "max_tokens")
+        prompt_tokens += len(ids)
+        for _ in range(body.n):
+            generation = s.generation(ids, budget, params, eos, None, body.logprobs,
+                                      prompt_logprobs=body.echo and body.logprobs is not None)
+            choices.append(Choice(generation, CompletionOutput(stops, eos)))
+            echoes.append((prompt if isinstance(prompt, str) else decode(ids)) if body.echo else None)
     head = {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": s.model_name}
+    offsets = [0] * len(choices)
 
-    def chunk(text: str, finish_reason: str | None = None) -> dict:
-        return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    def logprobs_of(i: int, piece: dict) -> dict | None:
+        if body.logprobs is None:
+            return None
+        result = completion_logprobs(piece["tokens"], offsets[i])
+        offsets[i] += len(piece["text"])
+        return result
+
+    def echoed(i: int) -> dict:
+        """The prompt as the first piece of choice i, with its tokens' logprobs when asked for."""
+        generation = choices[i].generation
+        return {"text": echoes[i], "tokens": [generation.prompt[0], *generation.prompt_token_logprobs]}
+
+    async def pieces():
+        started = set()
+        async for i, piece in pieces_of(s.engine, choices):
+            if echoes[i] is not None and i not in started:
+                started.add(i)
+                yield i, echoed(i)
+            yield i, piece
+        for i in range(len(choices)):  # a choice that made no text still echoes its prompt
+            if echoes[i] is not None and i not in started:
+                yield i, echoed(i)
+
+    def chunk(i: int, piece: dict | None, finish: str | None = None) -> dict:
+        text = piece["text"] if piece else ""
+        return {**head, "choices": [{"index": i, "text": text, "finish_reason": finish,
+                                     "logprobs": logprobs_of(i, piece) if piece else None}]}
+
+    def finish_reason(i: int) -> str:
+        return choices[i].output.finish_reason(choices[i].generation.finish_reason)
 
     if not body.stream:
-        text = "".join([t async for t in drive(s.engine, generation, output)])
-        return {**chunk(text, output.finish_reason(generation.finish_reason)), "usage": usage(prompt, output, generation)}
+        texts: list[list[dict]] = [[] for _ in choices]
+        async for i, piece in pieces():
+            texts[i].append(piece)
+        result = []
+        for i, parts in enumerate(texts):
+            joined = {"text": "".join(p["text"] for p in parts), "tokens": [t for p in parts for t in p["tokens"]]}
+            result.append({"index": i, "text": joined["text"], "finish_reason": finish_reason(i),
+                           "logprobs": logprobs_of(i, joined)})
+        return {**head, "choices": result, "usage": usage(prompt_tokens, choices)}
 
-    return event_stream(chunk_events(head, drive(s.engine, generation, output), chunk, "",
-                                     lambda: output.finish_reason(generation.finish_reason),
-                                     (lambda: usage(prompt, output, generation)) if body.include_usage() else None))
+    return event_stream(chunk_events(head, pieces(), chunk, len(choices), finish_reason,
+                                     (lambda: usage(prompt_tokens, choices)) if body.include_usage() else None))
+
+
+def decode(ids: list[int]) -> str:
+    decoder = TextDecoder()
+    return "".join(decoder.feed(t) for t in ids) + decoder.flush()
+
+
+# --- responses ---------------------------------------------------------------------------------------------
+
+INPUT_ITEMS = TypeAdapter(list[InputItem])
 
 
 @router.post("/v1/responses")
 async def responses(body: ResponsesRequest, s: ServedDep):
     s.check_model(body.model)
+    body.check_supported()
+    earlier = []
     if body.previous_response_id:
-        raise APIError(400, "previous_response_id is not supported: this server stores no responses; send the "
-                            "whole conversation as input", param="previous_response_id")
-    prompt = render_for_completion(chat_from_responses_input(body))
+        stored = s.store.conversation(body.previous_response_id)
+        if stored is None:
+            raise APIError(404, f"Previous response with id '{body.previous_response_id}' not found.",
+                           param="previous_response_id", code="previous_response_not_found")
+        earlier = INPUT_ITEMS.validate_python(stored)
+    chat, rules = chat_from_responses_input(body, earlier)
+    prompt = render_for_completion(chat)
     budget = token_budget(len(prompt), body.max_output_tokens, s.engine.context, "input", "max_output_tokens")
-    generation = Generation(prompt, budget, body.sampling(), stop_tokens())
-    output = ResponsesOutput()
+    top = (body.top_logprobs or 0) if body.wants_logprobs else None
+    choice = Choice(s.generation(prompt, budget, body.sampling(), stop_tokens(), rules, top), ResponsesOutput())
+    output: ResponsesOutput = choice.output
     rid, created_at = new_id("resp_"), int(time.time())
 
     def response(status: str) -> dict:
         done = status != "in_progress"
+        text_format = (body.text.format.model_dump(by_alias=True, exclude_none=True)
+                       if body.text is not None and body.text.format is not None else {"type": "text"})
         return {"id": rid, "object": "response", "created_at": created_at, "status": status, "model": s.model_name,
                 "output": output.items if done else [], "error": None,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-                "temperature": body.temperature, "top_p": body.top_p, "parallel_tool_calls": False,
-                "tool_choice": body.tool_choice or "auto", "tools": [t.model_dump() for t in body.tools or []],
+                "temperature": body.temperature, "top_p": body.top_p, "top_logprobs": body.top_logprobs,
+                "parallel_tool_calls": body.parallel_tool_calls is not False, "max_tool_calls": body.max_tool_calls,
+                "tool_choice": tool_choice(body), "tools": [t.model_dump() for t in body.tools or []],
                 "reasoning": {"effort": body.reasoning.effort if body.reasoning else "medium", "summary": None},
-                "text": {"format": {"type": "text"}}, "metadata": {},
+                "text": {"format": text_format, "verbosity": "medium"}, "metadata": body.metadata or {},
+                "previous_response_id": body.previous_response_id, "store": body.store, "truncation": "disabled",
+                "service_tier": "default", "user": body.user,
                 "usage": {"input_tokens": len(prompt), "output_tokens": output.completion_tokens,
                           "total_tokens": len(prompt) + output.completion_tokens,
-                          "input_tokens_details": {"cached_tokens": generation.cached_tokens},
-                          "output_tokens_details": {"reasoning_tokens": 0}} if done else None}
+                          "input_tokens_details": {"cached_tokens": choice.generation.cached_tokens},
+                          "output_tokens_details": {"reasoning_tokens": output.reasoning_tokens}} if done else None}
 
-    def final_status() -> str:
-        return "incomplete" if generation.finish_reason == "length" else "completed"
+    def finished() -> dict:
+        status = "incomplete" if choice.generation.finish_reason == "length" else "completed"
+        result = response(status)
+        if body.store:
+            items = [*earlier, *input_items(body)]
+            conversation = [item.model_dump(mode="json") for item in items] + output.items
+            s.store.put(result, conversation)
+        return result
 
     if not body.stream:
-        async for _ in drive(s.engine, generation, output):
+        async for _ in pieces_of(s.engine, [choice]):
             pass
-        return response(final_status())
+        return finished()
 
     async def events():
         sequence = 0
@@ -259,15 +413,34 @@ async def responses(body: ResponsesRequest, s: ServedDep):
         yield event({"type": "response.created", "response": response("in_progress")})
         yield event({"type": "response.in_progress", "response": response("in_progress")})
         try:
-            async for data in drive(s.engine, generation, output):
+            async for _, data in pieces_of(s.engine, [choice]):
                 yield event(data)
         except EngineError as e:
             yield event({"type": "error", "code": "server_error", "message": str(e), "param": None})
             return
-        status = final_status()
-        yield event({"type": f"response.{status}", "response": response(status)})
+        result = finished()
+        yield event({"type": f"response.{result['status']}", "response": result})
 
     return event_stream(events())
+
+
+def tool_choice(body: ResponsesRequest) -> str | dict:
+    choice = body.tool_choice or "auto"
+    return choice if isinstance(choice, str) else choice.model_dump()
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, s: ServedDep):
+    if (stored := s.store.get(response_id)) is None:
+        raise APIError(404, f"No response found with id '{response_id}'.", param="response_id", code="not_found")
+    return stored
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, s: ServedDep):
+    if not s.store.delete(response_id):
+        raise APIError(404, f"No response found with id '{response_id}'.", param="response_id", code="not_found")
+    return {"id": response_id, "object": "response", "deleted": True}
 
 
 # --- the app --------------------------------------------------------------------------------------------
@@ -293,21 +466,26 @@ async def http_error(http: Request, e: HTTPException) -> JSONResponse:
     return await api_error(http, APIError(e.status_code, str(e.detail), code=str(e.status_code)))
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine`'s model as `model_name`. It starts the engine and closes it on shutdown."""
+async def stored_item_invalid(http: Request, e: ValidationError) -> JSONResponse:
+    return JSONResponse(server_error(RuntimeError(f"a stored conversation does not parse: {e}")), status_code=500)
+
+
+def create_app(engine: Engine, model_name: str, store: ResponseStore | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`'s model as `model_name`, keeping responses in `store` (default:
+    in memory, gone with the process). It starts the engine and closes it on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        get_encoding(), get_tokenizer()  # loaded now rather than on the first generation
+        get_encoding(), get_tokenizer(), lltokenizer(engine.model.config.vocab_size)  # loaded now, not on a request
         engine.start()
         yield
         engine.close()
 
     app = FastAPI(title="gptoss", lifespan=lifespan)
     app.state.engine = engine  # for code that embeds the app
-    app.state.served = Served(engine, model_name)
+    app.state.served = Served(engine, model_name, store or ResponseStore(":memory:"))
     for error, handler in ((APIError, api_error), (RequestValidationError, invalid_body), (GptossError, bad_value),
-                           (EngineError, engine_failed), (HTTPException, http_error)):
+                           (EngineError, engine_failed), (HTTPException, http_error), (ValidationError, stored_item_invalid)):
         app.add_exception_handler(error, handler)
     app.include_router(router)
     return app

@@ -38,7 +38,8 @@ import torch
 
 from gptoss.errors import GptossError
 from gptoss.generation.cache import PAGE_SIZE, PREFILL_CHUNK, CacheFull, ContextError, KVCache, Sequence
-from gptoss.generation.sampling import SamplingParams, sample
+from gptoss.chat.grammar import Constraint
+from gptoss.generation.sampling import SamplingParams, adjust, sample
 from gptoss.generation.stopping import StopRule
 from gptoss.model.transformer import Transformer
 
@@ -47,6 +48,23 @@ RATE_WINDOW_S = 10.0  # tokens per second in the metrics: over this many last se
 
 class EngineError(GptossError):
     """The engine failed while computing a generation (or shut down before finishing it)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability under the model (before temperature, bias, penalties and grammar), and
+    the likeliest tokens at its position with theirs."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def at(cls, logits: torch.Tensor, token: int, top: int) -> "TokenLogprobs":
+        """logits [V] of the position that `token` takes."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+        return cls(token, float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist())))
 
 
 @dataclass(frozen=True)
@@ -66,7 +84,11 @@ class Generation:
     """
 
     def __init__(self, prompt: Seq[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-                 stop_tokens: Seq[int] = ()):
+                 stop_tokens: Seq[int] = (), constraint: Constraint | None = None, top_logprobs: int | None = None,
+                 prompt_logprobs: bool = False):
+        """constraint: the grammar every new token must fit (`gptoss.chat.grammar`). top_logprobs: record
+        each new token's log-probability and the `top_logprobs` likeliest alternatives (None: nothing).
+        prompt_logprobs: also those of the prompt's tokens (the prompt is then computed whole, not reused)."""
         if not prompt:
             raise ContextError("the prompt needs at least one token")
         if max_new_tokens < 1:
@@ -78,6 +100,11 @@ class Generation:
         self.cancelled = False
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[int | _Finished] = asyncio.Queue()
+        self.constraint, self.top_logprobs, self.prompt_logprobs = constraint, top_logprobs, prompt_logprobs
+        # One TokenLogprobs per new token (and per prompt token after the first, with prompt_logprobs),
+        # appended by the engine before the token is delivered.
+        self.logprobs: list[TokenLogprobs] = []
+        self.prompt_token_logprobs: list[TokenLogprobs] = []
         self.cached_tokens = 0
         self.started = False
         # Engine-side state: the tokens made so far, and the sequence of pages its tokens are in (None while
@@ -238,7 +265,8 @@ class Engine:
             while self._waiting and len(self.running) < self.max_batch:
                 generation = self._waiting[0]
                 sequence = self.cache.sequence()
-                reused = sequence.reuse_prefix(generation.known_tokens)
+                # prompt_logprobs needs the logits of every prompt position: computed, not reused
+                reused = 0 if generation.prompt_logprobs else sequence.reuse_prefix(generation.known_tokens)
                 if self.running and sequence.pages_to_grow(len(generation.known_tokens)) > self.cache.free_pages:
                     sequence.release()
                     return
@@ -277,11 +305,41 @@ class Engine:
         if batch is None:
             return
         ids = torch.tensor([tokens[i] for i in kept], device=self.model.device)
-        logits = self.model(ids, cache=batch, last_only=True)
+        every_position = any(generations[i].prompt_logprobs and not generations[i].generated for i in kept)
+        logits = self.model(ids, cache=batch, last_only=not every_position)
         for row, i in enumerate(kept):
             generation = generations[i]
-            if generation.sequence.length == len(generation.known_tokens):
-                self._accept(generation, sample(logits[row:row + 1, -1], generation.params, generation.generator))
+            try:
+                if generation.prompt_logprobs and not generation.generated:
+                    self._record_prompt_logprobs(generation, tokens[i], logits[row])
+                if generation.sequence.length == len(generation.known_tokens):
+                    self._accept(generation, self._sample(generation, logits[row:row + 1, -1]))
+            except Exception as e:  # this generation's grammar or sampling failed: it alone ends
+                self._finish(generation, "error", e)
+
+    def _sample(self, generation: Generation, logits: torch.Tensor) -> int:
+        """The next token from logits [1, V]: bias and penalties, the grammar's mask, then sampling."""
+        adjusted = adjust(logits, generation.params, generation.generated)  # a copy if it changes anything
+        if generation.constraint is not None:
+            if adjusted is logits:  # the mask writes in place, and the logprobs want the model's own logits
+                adjusted = logits.clone()
+            generation.constraint.mask(adjusted)
+        token = int(sample(adjusted, generation.params, generation.generator))
+        if generation.constraint is not None:
+            generation.constraint.advance(token)
+        if generation.top_logprobs is not None:
+            generation.logprobs.append(TokenLogprobs.at(logits[0], token, generation.top_logprobs))
+        return token
+
+    def _record_prompt_logprobs(self, generation: Generation, fed: list[int], logits: torch.Tensor) -> None:
+        """logits [T, V] of the `fed` prompt tokens: each position scores the next prompt token."""
+        start = generation.sequence.length - len(fed)            # position of fed[0]
+        for t in range(len(fed)):
+            position = start + t + 1                             # the token this position predicts
+            # (a prefill repeated after a preemption records nothing twice)
+            if position == len(generation.prompt_token_logprobs) + 1 and position < len(generation.prompt):
+                generation.prompt_token_logprobs.append(
+                    TokenLogprobs.at(logits[t], generation.prompt[position], generation.top_logprobs or 0))
 
     def _batch(self, generations: list[Generation], tokens: list[list[int]]):
         """The cache of a pass, and the indices of the generations still in it: while pages run out, the
@@ -306,14 +364,16 @@ class Engine:
             self._waiting.appendleft(generation)
         self.counters.update(preemptions=1)
 
-    def _accept(self, generation: Generation, token: torch.Tensor) -> None:
-        """Hands a new token to the generation; finishes it if that ends it."""
-        token = int(token)
+    def _accept(self, generation: Generation, token: int) -> None:
+        """Hands a new token to the generation; finishes it if that ends it (a stop token, the budget, or
+        a grammar with nothing left to add)."""
         generation.generated.append(token)
         generation._deliver(token)
         self.counters.update(generated_tokens=1)
         if reason := generation.stop_rule.finish_reason(token, len(generation.generated)):
             self._finish(generation, reason)
+        elif generation.constraint is not None and generation.constraint.finished:
+            self._finish(generation, "stop")
 
     def _finish(self, generation: Generation, reason: str, error: Exception | None = None) -> None:
         """Ends the generation and gives its pages back at once (its registered pages stay cached)."""

@@ -29,6 +29,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     paths = [_path_in_body(e, exc.body) for e in errors]
     worst = max(range(len(errors)), key=lambda i: len(paths[i]))  # the deepest: "input.0", not just "input"
     param = ".".join(paths[worst]) or None
+    if errors[worst]["type"] == "extra_forbidden":  # OpenAI's words for a field it does not know
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                        code="unknown_parameter")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return APIError(400, f"{param or 'body'}: {errors[worst]['msg']}{more}", param=param, code=errors[worst]["type"])
 

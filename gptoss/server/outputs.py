@@ -4,6 +4,9 @@ Streaming sends what an output returns as server-sent events; non-streaming sums
 so the two always agree. Harmony messages map onto the API as vLLM maps them: the analysis channel is
 the reasoning (`reasoning_content` in chat, reasoning items in responses), a message with a recipient
 (`functions.NAME`, on the commentary channel) is a tool call, and everything else is the answer's text.
+
+Log-probabilities, when asked for, come with the text they belong to: in chat and responses those of
+the answer's tokens (not the reasoning's, nor the message headers'), in completions those of every token.
 """
 
 from __future__ import annotations
@@ -11,7 +14,20 @@ from __future__ import annotations
 import uuid
 
 from gptoss.chat.harmony import MessageEnd, MessageStart, StreamParser, TextDelta
-from gptoss.chat.tokenizer import TextDecoder
+from gptoss.chat.tokenizer import NUM_TEXT_TOKENS, TextDecoder, get_tokenizer
+from gptoss.server.engine import TokenLogprobs
+
+
+def token_entry(token: int, logprob: float) -> dict:
+    """A token as OpenAI's logprobs show it: its text (bytes that are not whole UTF-8 shown escaped), its
+    bytes and its log-probability."""
+    raw = get_tokenizer().decode_single_token_bytes(token)
+    return {"token": raw.decode("utf-8", errors="backslashreplace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def logprob_entry(lp: TokenLogprobs) -> dict:
+    """Chat's and responses' entry: the token and its likeliest alternatives."""
+    return {**token_entry(lp.token, lp.logprob), "top_logprobs": [token_entry(t, v) for t, v in lp.top]}
 
 
 class StopStrings:
@@ -60,13 +76,16 @@ class Output:
 
     def __init__(self):
         self.completion_tokens = 0
+        self.reasoning_tokens = 0   # tokens of analysis messages (usage's reasoning_tokens)
+        self.in_reasoning = False
         self.stopped = False
 
-    def feed(self, token: int) -> list:
+    def feed(self, token: int, logprobs: TokenLogprobs | None = None) -> list:
         self.completion_tokens += 1
-        return self._feed(token)
+        self.reasoning_tokens += self.in_reasoning
+        return self._feed(token, logprobs)
 
-    def _feed(self, token: int) -> list:
+    def _feed(self, token: int, logprobs: TokenLogprobs | None) -> list:
         raise NotImplementedError
 
     def end(self) -> list:
@@ -79,14 +98,18 @@ class ChatOutput(Output):
     def __init__(self, stops: list[str]):
         super().__init__()
         self.parser, self.stop, self.tool_calls = StreamParser(), StopStrings(stops), 0
+        self.answer = AnswerLogprobs()
 
-    def _feed(self, token: int) -> list[dict]:
-        return self._deltas(self.parser.feed(token))
+    def _feed(self, token: int, logprobs: TokenLogprobs | None) -> list[dict]:
+        deltas = self._deltas(self.parser.feed(token))
+        self.answer.attach(token, logprobs, [d for d in deltas if "content" in d])
+        return deltas
 
     def end(self) -> list[dict]:
         deltas = self._deltas(self.parser.end())
         if tail := self.stop.flush():
             deltas.append({"content": tail})
+        self.answer.attach(None, None, [d for d in deltas if "content" in d])
         return deltas
 
     def _deltas(self, events) -> list[dict]:
@@ -97,7 +120,12 @@ class ChatOutput(Output):
                                                "function": {"name": function_name(event.recipient),
                                                             "arguments": ""}}]})
                 self.tool_calls += 1
-            elif isinstance(event, TextDelta) and not self.stopped:
+            elif isinstance(event, MessageStart):
+                self.answer.in_answer = kind_of(event.channel, event.recipient) == "text"
+                self.in_reasoning = kind_of(event.channel, event.recipient) == "reasoning"
+            elif isinstance(event, MessageEnd):
+                self.answer.in_answer = self.in_reasoning = False
+            if isinstance(event, TextDelta) and not self.stopped:
                 kind = kind_of(event.channel, event.recipient)
                 if kind == "tool_call":
                     deltas.append({"tool_calls": [{"index": self.tool_calls - 1,
@@ -116,7 +144,7 @@ class ChatOutput(Output):
 
     @staticmethod
     def message(deltas: list[dict]) -> dict:
-        """The whole assistant message the deltas add up to."""
+        """The whole assistant message the deltas add up to (their logprobs apart: `ChatOutput.logprobs`)."""
         content, reasoning, calls = [], [], []
         for delta in deltas:
             content.append(delta.get("content", ""))
@@ -131,29 +159,62 @@ class ChatOutput(Output):
         return {"role": "assistant", "content": "".join(content) or (None if calls else ""),
                 "reasoning_content": "".join(reasoning) or None, "tool_calls": calls or None}
 
+    @staticmethod
+    def logprobs(deltas: list[dict]) -> dict:
+        return {"content": [entry for delta in deltas for entry in delta.get("logprobs", [])], "refusal": None}
+
+
+class AnswerLogprobs:
+    """Hands the answer's tokens' log-probabilities to the text pieces they produce. A token may complete
+    no character (its bytes wait for the next), so entries wait for the next piece of answer text."""
+
+    def __init__(self):
+        self.in_answer = False
+        self.pending: list[dict] = []
+
+    def attach(self, token: int | None, logprobs: TokenLogprobs | None, pieces: list[dict]) -> list[dict]:
+        """After feeding `token`: if it is answer text, its entry joins the waiting ones; they all go to the
+        last of `pieces` (dicts whose "logprobs" list they join), if any. Returns the entries handed over."""
+        if logprobs is not None and token is not None and token < NUM_TEXT_TOKENS and self.in_answer:
+            self.pending.append(logprob_entry(logprobs))
+        if not (pieces and self.pending):
+            return []
+        handed, self.pending = self.pending, []
+        pieces[-1]["logprobs"] = pieces[-1].get("logprobs", []) + handed
+        return handed
+
 
 class CompletionOutput(Output):
-    """Tokens -> text (`TextDecoder`: a character split across tokens comes out whole, special tokens
-    carry no text), cut at the first stop string."""
+    """Tokens -> pieces {"text", "tokens"} (`TextDecoder`: a character split across tokens comes out whole,
+    special tokens carry no text), cut at the first stop string; "tokens" lists the TokenLogprobs of the
+    tokens the piece completes, when asked for."""
 
     def __init__(self, stops: list[str], eos_tokens: tuple[int, ...]):
         super().__init__()
         self.eos = frozenset(eos_tokens)
         self.decoder = TextDecoder()
         self.stop = StopStrings(stops)
+        self.pending: list[TokenLogprobs] = []
 
-    def _feed(self, token: int) -> list[str]:
+    def _feed(self, token: int, logprobs: TokenLogprobs | None) -> list[dict]:
         if token in self.eos or self.stopped:  # the end-of-text token is not part of the text
             return []
+        if logprobs is not None:
+            self.pending.append(logprobs)
         text = self.stop.feed(self.decoder.feed(token))
         self.stopped = self.stop.hit
-        return [text] if text else []
+        return self._piece(text)
 
-    def end(self) -> list[str]:
+    def end(self) -> list[dict]:
         if self.stopped:
             return []
-        text = self.stop.feed(self.decoder.flush()) + self.stop.flush()
-        return [text] if text else []
+        return self._piece(self.stop.feed(self.decoder.flush()) + self.stop.flush())
+
+    def _piece(self, text: str) -> list[dict]:
+        if not text:
+            return []
+        piece, self.pending = {"text": text, "tokens": self.pending}, []
+        return [piece]
 
     def finish_reason(self, engine_reason: str) -> str:
         return "stop" if self.stopped else engine_reason
@@ -167,23 +228,38 @@ class ResponsesOutput(Output):
         super().__init__()
         self.parser = StreamParser()
         self.items: list[dict] = []
+        self.answer = AnswerLogprobs()
 
-    def _feed(self, token: int) -> list[dict]:
-        return self._events(self.parser.feed(token))
+    def _feed(self, token: int, logprobs: TokenLogprobs | None) -> list[dict]:
+        return self._events(self.parser.feed(token), token, logprobs)
 
     def end(self) -> list[dict]:
-        return self._events(self.parser.end())
+        return self._events(self.parser.end(), None, None)
 
-    def _events(self, harmony_events) -> list[dict]:
-        out = []
+    def _events(self, harmony_events, token: int | None, logprobs: TokenLogprobs | None) -> list[dict]:
+        out, text_deltas = [], []
         for event in harmony_events:
             if isinstance(event, MessageStart):
                 out += self._open(kind_of(event.channel, event.recipient), event.recipient)
+                self.answer.in_answer = self.items[-1]["type"] == "message"
+                self.in_reasoning = self.items[-1]["type"] == "reasoning"
             elif isinstance(event, TextDelta):
                 out.append(self._delta(event.text))
+                if out[-1]["type"] == "response.output_text.delta":
+                    text_deltas.append(out[-1])
             elif isinstance(event, MessageEnd):
+                self._attach(token, logprobs, text_deltas)  # before the part closes
+                token, text_deltas = None, []
                 out += self._close()
+                self.answer.in_answer = self.in_reasoning = False
+        self._attach(token, logprobs, text_deltas)
         return out
+
+    def _attach(self, token: int | None, logprobs: TokenLogprobs | None, text_deltas: list[dict]) -> None:
+        """The answer tokens' entries go to the last text delta of this step and to the message's part."""
+        handed = self.answer.attach(token, logprobs, text_deltas)
+        if handed:
+            self.items[-1]["content"][0]["logprobs"] += handed
 
     def _where(self) -> dict:
         item = self.items[-1]
@@ -217,8 +293,9 @@ class ResponsesOutput(Output):
             item["arguments"] += text
             return {"type": "response.function_call_arguments.delta", **self._where(), "delta": text}
         item["content"][0]["text"] += text
-        kind = "reasoning_text" if item["type"] == "reasoning" else "output_text"
-        return {"type": f"response.{kind}.delta", **self._where(), "content_index": 0, "delta": text}
+        if item["type"] == "reasoning":
+            return {"type": "response.reasoning_text.delta", **self._where(), "content_index": 0, "delta": text}
+        return {"type": "response.output_text.delta", **self._where(), "content_index": 0, "delta": text, "logprobs": []}
 
     def _close(self) -> list[dict]:
         item = self.items[-1]
@@ -229,6 +306,8 @@ class ResponsesOutput(Output):
         else:
             part = item["content"][0]
             kind = "reasoning_text" if item["type"] == "reasoning" else "output_text"
-            events = [{"type": f"response.{kind}.done", **self._where(), "content_index": 0, "text": part["text"]},
-                      {"type": "response.content_part.done", **self._where(), "content_index": 0, "part": part}]
+            done = {"type": f"response.{kind}.done", **self._where(), "content_index": 0, "text": part["text"]}
+            if kind == "output_text":
+                done["logprobs"] = part["logprobs"]
+            events = [done, {"type": "response.content_part.done", **self._where(), "content_index": 0, "part": part}]
         return events + [{"type": "response.output_item.done", "output_index": len(self.items) - 1, "item": item}]

@@ -1,22 +1,40 @@
-"""Request bodies -> harmony conversations (`gptoss.chat.harmony.Chat`), and the token budget that fits."""
+"""Request bodies -> harmony conversations (`gptoss.chat.harmony.Chat`) and the rules their completions
+must follow (`gptoss.chat.grammar.OutputRules`), and the token budget that fits."""
 
 from __future__ import annotations
 
-import json
-
-from gptoss.chat.harmony import Chat, FunctionTool
+from gptoss.chat.grammar import ANY_OBJECT, OutputRules
+from gptoss.chat.harmony import Chat, FunctionTool, ResponseFormat
 from gptoss.server.errors import APIError
-from gptoss.server.schemas import ChatCompletionRequest, MessageItem, ResponsesRequest, ToolChoice, text_of
+from gptoss.server.schemas import ChatCompletionRequest, MessageItem, ResponsesRequest, text_of
 
 
-def offered_tools(tools: list[FunctionTool], tool_choice: ToolChoice) -> list[FunctionTool]:
-    """The tools to describe to the model. Harmony has no way to force a call, so only auto and none exist."""
-    if tool_choice in (None, "auto"):
-        return tools
-    if tool_choice == "none":
-        return []
-    raise APIError(400, f"tool_choice {json.dumps(tool_choice, default=str)} is not supported: gpt-oss decides "
-                        "itself whether to call a tool; use \"auto\" or \"none\"", param="tool_choice")
+def output_rules(tools: list[FunctionTool], tool_choice, answer: ResponseFormat | None, param: str) -> OutputRules:
+    """What the completion must look like (`gptoss.chat.grammar`): "none" offers no tool, "auto" lets the
+    model answer or call, "required" or a named function (a dict or model with a name) makes it call."""
+    if tool_choice in (None, "none", "auto"):
+        offered = [] if tool_choice == "none" else tools
+        return OutputRules(answer and answer.schema, tuple(offered), "auto")
+    if not tools:
+        raise APIError(400, f"tool_choice {tool_choice!r} needs tools", param=param)
+    if tool_choice == "required":
+        return OutputRules(None, tuple(tools), "required")
+    name = tool_choice.function.name if hasattr(tool_choice, "function") else tool_choice.name
+    if name not in {t.name for t in tools}:
+        raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param=param)
+    return OutputRules(None, tuple(tools), name)
+
+
+def answer_format(kind: str | None, name: str, schema: dict | None, description: str | None,
+                  param: str) -> ResponseFormat | None:
+    """The JSON an answer must be: `response_format` (chat) or `text.format` (responses)."""
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return ResponseFormat(name, ANY_OBJECT, description)
+    if schema is None:
+        raise APIError(400, f"{param}: a json_schema format needs its schema", param=param)
+    return ResponseFormat(name, schema, description)
 
 
 class _ToolCallNames:
@@ -36,20 +54,25 @@ class _ToolCallNames:
         return name
 
 
-def chat_from_messages(body: ChatCompletionRequest) -> Chat:
+def chat_from_messages(body: ChatCompletionRequest) -> tuple[Chat, OutputRules]:
     """System and developer messages become harmony's developer instructions; the rest become turns."""
     instructions = [text_of(m.content) for m in body.messages if m.role in ("system", "developer")]
     tools = [FunctionTool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or []]
+    f = body.response_format
+    schema = f.json_schema if f is not None and f.json_schema is not None else None
+    answer = answer_format(f and f.type, schema.name if schema else "response", schema and schema.schema_,
+                           schema and schema.description, "response_format")
+    rules = output_rules(tools, body.tool_choice, answer, "tool_choice")
     chat = Chat(reasoning_effort=body.reasoning_effort, developer_instructions="\n\n".join(instructions) or None,
-                tools=offered_tools(tools, body.tool_choice))
+                tools=rules.tools, response_format=answer)
     calls = _ToolCallNames()
     for i, m in enumerate(body.messages):
         text = text_of(m.content)
         if m.role == "user":
             chat.user(text)
         elif m.role == "assistant":
-            if m.reasoning_content:
-                chat.assistant(m.reasoning_content, "analysis")
+            if reasoning := m.reasoning_content or m.reasoning:
+                chat.assistant(reasoning, "analysis")
             if text:  # with tool calls, the text before them is a preamble, on the commentary channel
                 chat.assistant(text, "commentary" if m.tool_calls else "final")
             for call in m.tool_calls or []:
@@ -57,18 +80,28 @@ def chat_from_messages(body: ChatCompletionRequest) -> Chat:
                 chat.tool_call(call.function.name, call.function.arguments)
         elif m.role == "tool":
             chat.tool_result(calls.name(m.tool_call_id, f"messages.{i}.tool_call_id", default=m.name), text)
-    return chat
+    return chat, rules
 
 
-def chat_from_responses_input(body: ResponsesRequest) -> Chat:
-    """`instructions` (and any system or developer items) become developer instructions; items become turns."""
-    items = [MessageItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
+def input_items(body: ResponsesRequest) -> list:
+    """The request's input as items (a string is one user message)."""
+    return [MessageItem(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input)
+
+
+def chat_from_responses_input(body: ResponsesRequest, earlier: list = ()) -> tuple[Chat, OutputRules]:
+    """`instructions` (and any system or developer items) become developer instructions; the items of an
+    earlier response's conversation (`earlier`, for previous_response_id) and then the input become turns."""
+    items = [*earlier, *input_items(body)]
     instructions = [body.instructions or ""] + [text_of(item.content) for item in items
                                                 if item.type == "message" and item.role in ("system", "developer")]
     tools = [FunctionTool(t.name, t.description, t.parameters) for t in body.tools or []]
+    f = body.text.format if body.text is not None else None
+    answer = answer_format(f and f.type, f.name if f else "response", f and f.schema_, f and f.description,
+                           "text.format")
+    rules = output_rules(tools, body.tool_choice, answer, "tool_choice")
     chat = Chat(reasoning_effort=body.reasoning.effort if body.reasoning else "medium",
                 developer_instructions="\n\n".join(filter(None, instructions)) or None,
-                tools=offered_tools(tools, body.tool_choice))
+                tools=rules.tools, response_format=answer)
     calls = _ToolCallNames()
     for i, item in enumerate(items):
         if item.type == "message" and item.role == "user":
@@ -82,7 +115,7 @@ def chat_from_responses_input(body: ResponsesRequest) -> Chat:
             chat.tool_call(item.name, item.arguments)
         elif item.type == "function_call_output":
             chat.tool_result(calls.name(item.call_id, f"input.{i}.call_id"), item.output)
-    return chat
+    return chat, rules
 
 
 def token_budget(prompt_len: int, asked: int | None, context: int, prompt_param: str, max_param: str) -> int:

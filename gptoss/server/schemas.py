@@ -1,8 +1,16 @@
-"""The request bodies of the three endpoints, as pydantic models: what is accepted, with OpenAI's ranges."""
+"""The request bodies of the three endpoints, as pydantic models: what is accepted, with OpenAI's ranges.
+
+Every field of OpenAI's reference for these endpoints is here, and is one of three things: honoured;
+accepted because it asks nothing of the model (`user`, `metadata`, `prompt_cache_key`: the prefix
+cache needs no hint); or refused with a 400 naming it when set to a value this server cannot honour
+(`refuse_unsupported`). A top-level field that is not in the reference is refused too, as OpenAI does.
+Inside messages and items, fields that carry nothing for the model (`refusal`, `annotations`, ids that
+clients echo back) are ignored. docs/server.md has the table.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
@@ -10,11 +18,27 @@ from gptoss.generation.sampling import SamplingParams
 from gptoss.server.errors import APIError
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we have no use for (user, metadata, ...)
+class _Part(BaseModel):
+    """Something inside a request: fields it carries that mean nothing to the model are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
-class TextPart(_Body):
+class _Request(BaseModel):
+    """A request body: a field OpenAI's reference does not have is refused (pydantic's extra_forbidden)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def refuse_unsupported(self, supported: dict[str, Any]) -> None:
+        """A 400 for each field set to a value other than the ones `supported` lists for it."""
+        for name, allowed in supported.items():
+            value = getattr(self, name)
+            if value is not None and value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
+                raise APIError(400, f"{name} = {value!r} is not supported by this server", param=name,
+                               code="unsupported_parameter")
+
+
+class TextPart(_Part):
     type: Literal["text", "input_text", "output_text", "reasoning_text", "summary_text"]
     text: str
 
@@ -28,22 +52,41 @@ def text_of(content: Content | None) -> str:
     return "".join(part.text for part in content)
 
 
-class SamplingFields(_Body):
+Seed = Annotated[int, Field(ge=-2**63, le=2**64 - 1)]  # what a torch.Generator takes
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
+
+
+class SamplingFields(_Request):
+    """Fields that every endpoint shares."""
+
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
+    user: str | None = None                    # informational (OpenAI: abuse monitoring)
+    safety_identifier: str | None = None       # informational
+    prompt_cache_key: str | None = None        # the prefix cache finds prefixes by their tokens, unhinted
+    metadata: dict[str, str] | None = None     # echoed on stored responses
+    service_tier: Literal["auto", "default"] | None = None
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self, logit_bias: LogitBias | None = None, presence_penalty: float | None = None,
+                 frequency_penalty: float | None = None, vocab_size: int | None = None) -> SamplingParams:
         """OpenAI's defaults: temperature 1, no nucleus cut. Temperature 0 is greedy."""
+        bias = {}
+        for key, value in (logit_bias or {}).items():
+            if not key.isdigit() or vocab_size is not None and int(key) >= vocab_size:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model", param="logit_bias")
+            bias[int(key)] = value
         top_p = self.top_p if self.top_p is not None and self.top_p < 1 else None
         return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature, top_p=top_p,
-                              seed=self.seed)
+                              seed=self.seed, logit_bias=bias, presence_penalty=presence_penalty or 0.0,
+                              frequency_penalty=frequency_penalty or 0.0)
 
 
-class StreamOptions(_Body):
+class StreamOptions(_Part):
     include_usage: bool = False
+    include_obfuscation: bool | None = None   # OpenAI pads streamed events against side channels; nothing to pad here
 
 
 class TextCompletionFields(SamplingFields):
@@ -51,7 +94,10 @@ class TextCompletionFields(SamplingFields):
 
     stop: str | list[str] | None = None
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=16)
+    logit_bias: LogitBias | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -60,79 +106,139 @@ class TextCompletionFields(SamplingFields):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > 4 or not all(stops):
             raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
-        if self.n != 1:
-            raise APIError(400, f"n = {self.n} is not supported: one choice per request", param="n")
         return stops
 
+    def sampling(self, vocab_size: int | None = None) -> SamplingParams:
+        return super().sampling(self.logit_bias, self.presence_penalty, self.frequency_penalty, vocab_size)
 
-class FunctionCall(_Body):
+
+class FunctionCall(_Part):
     name: str
     arguments: str
 
 
-class ToolCall(_Body):
+class ToolCall(_Part):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Body):
+class ChatMessage(_Part):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content | None = None
-    reasoning_content: str | None = None  # an earlier answer's reasoning, as this server returns it
+    # An earlier answer's reasoning: `reasoning_content` as this server (and vLLM) returns it, or
+    # `reasoning` as OpenAI's gpt-oss guide passes it back.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
 
 
-class FunctionDef(_Body):
+class FunctionDef(_Part):
     name: str
     description: str = ""
     parameters: dict | None = None
+    strict: bool | None = None  # arguments always fit `parameters` here, strict or not
 
 
-class ChatTool(_Body):
+class ChatTool(_Part):
     type: Literal["function"]
     function: FunctionDef
 
 
-ToolChoice = Literal["none", "auto", "required"] | dict | None  # a dict names a function to call
+class NamedFunction(_Part):
+    name: str
+
+
+class ChatToolChoice(_Part):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Part):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None  # the answer always fits the schema here, strict or not
+
+
+class ResponseFormat(_Part):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(TextCompletionFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ChatTool] | None = None
-    tool_choice: ToolChoice = None
+    tool_choice: Literal["none", "auto", "required"] | ChatToolChoice | None = None
+    parallel_tool_calls: bool | None = None    # allowed, not required: gpt-oss makes one call a turn
     reasoning_effort: Literal["low", "medium", "high"] = "medium"
+    response_format: ResponseFormat | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    store: bool | None = None
+    # Fields this server cannot honour: refused unless absent or at their neutral value.
+    modalities: list[str] | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
+    web_search_options: dict | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    def check_supported(self) -> None:
+        self.refuse_unsupported({"store": False, "verbosity": "medium", "audio": (), "prediction": (),
+                                 "web_search_options": (), "functions": (), "function_call": ()})
+        if self.modalities not in (None, ["text"]):
+            raise APIError(400, "modalities: this server writes text only", param="modalities",
+                           code="unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs = true", param="top_logprobs")
 
 
 class CompletionRequest(TextCompletionFields):
-    prompt: str | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        self.refuse_unsupported({"best_of": 1, "suffix": ()})
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one, or several (a list of strings or of token-id lists)."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        if not self.prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return list(self.prompt)
 
 
-class MessageItem(_Body):
+class MessageItem(_Part):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: Content
 
 
-class ReasoningItem(_Body):
+class ReasoningItem(_Part):
     type: Literal["reasoning"]
     content: list[TextPart] | None = None
     summary: list[TextPart] = []
 
 
-class FunctionCallItem(_Body):
+class FunctionCallItem(_Part):
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
 
 
-class FunctionCallOutputItem(_Body):
+class FunctionCallOutputItem(_Part):
     type: Literal["function_call_output"]
     call_id: str
     output: str
@@ -148,15 +254,36 @@ InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[Reasoni
                       Discriminator(_item_type)]
 
 
-class ResponsesTool(_Body):
+class ResponsesTool(_Part):
     type: Literal["function"]
     name: str
     description: str = ""
     parameters: dict | None = None
+    strict: bool | None = None
 
 
-class ReasoningConfig(_Body):
+class ResponsesToolChoice(_Part):
+    type: Literal["function"]
+    name: str
+
+
+class ReasoningConfig(_Part):
     effort: Literal["low", "medium", "high"] = "medium"
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # the older name of `summary`
+
+
+class TextFormat(_Part):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(_Part):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
 
 
 class ResponsesRequest(SamplingFields):
@@ -164,6 +291,37 @@ class ResponsesRequest(SamplingFields):
     instructions: str | None = None
     reasoning: ReasoningConfig | None = None
     tools: list[ResponsesTool] | None = None
-    tool_choice: ToolChoice = None
+    tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     max_output_tokens: int | None = Field(None, ge=1)
+    max_tool_calls: int | None = Field(None, ge=1)  # gpt-oss makes at most one call a response
     previous_response_id: str | None = None
+    store: bool = True                          # OpenAI's default
+    text: TextConfig | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stream_options: StreamOptions | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    background: bool | None = None
+    conversation: str | dict | None = None
+    prompt: dict | None = None
+
+    INCLUDABLE: ClassVar[tuple[str, ...]] = ("message.output_text.logprobs",)
+
+    def check_supported(self) -> None:
+        self.refuse_unsupported({"truncation": "disabled", "background": False, "conversation": (), "prompt": ()})
+        for item in self.include or []:
+            if item not in self.INCLUDABLE:
+                raise APIError(400, f"include: {item!r} is not supported by this server (it can include "
+                                    f"{', '.join(self.INCLUDABLE)})", param="include", code="unsupported_parameter")
+        if self.text is not None and self.text.verbosity not in (None, "medium"):
+            raise APIError(400, f"text.verbosity = {self.text.verbosity!r} is not supported by this server",
+                           param="text.verbosity", code="unsupported_parameter")
+        if self.reasoning is not None and (self.reasoning.summary or self.reasoning.generate_summary):
+            raise APIError(400, "reasoning.summary is not supported by this server: gpt-oss writes no summaries; "
+                                "the reasoning itself is returned in reasoning items", param="reasoning.summary",
+                           code="unsupported_parameter")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or [])
