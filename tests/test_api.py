@@ -140,14 +140,27 @@ def test_chat_logprobs_are_the_models_and_stream_as_they_come(client):
                   response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "string"}}})
     r = client.chat.completions.create(**kwargs)
     entries = r.choices[0].logprobs.content
-    assert len(entries) > 5 and "".join(e.token for e in entries) == r.choices[0].message.content
+    assert len(entries) > 5 and bytes(b for e in entries for b in e.bytes).decode() == r.choices[0].message.content
     for e in entries:  # greedy: the chosen token is the likeliest one the grammar allows
         assert len(e.top_logprobs) == 3 and e.logprob <= e.top_logprobs[0].logprob + 1e-6
-        assert bytes(e.bytes).decode() == e.token
     assert sum(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in entries) > len(entries) // 2
     streamed = [e for c in client.chat.completions.create(stream=True, **kwargs)
                 if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+
+
+def test_responses_include_output_text_logprobs(client, end_soon):
+    kwargs = dict(model=MODEL, input="Say something.", max_output_tokens=30, temperature=0, top_logprobs=2,
+                  include=["message.output_text.logprobs"], text={"format": {"type": "json_schema", "name": "a",
+                                                                             "schema": {"type": "string"}}})
+    r = client.responses.create(**kwargs)
+    (message,) = [item for item in r.output if item.type == "message"]
+    part = message.content[0]
+    assert len(part.logprobs) > 3 and bytes(b for e in part.logprobs for b in e.bytes).decode() == part.text
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in part.logprobs)
+    deltas = [e for event in client.responses.create(stream=True, **kwargs)
+              if event.type == "response.output_text.delta" for e in event.logprobs]
+    assert [(e.token, e.logprob) for e in deltas] == [(e.token, e.logprob) for e in part.logprobs]
 
 
 def test_completions_echo_logprobs_and_logit_bias(client, model):
