@@ -1,18 +1,35 @@
-"""The CPU kernels equal the reference path, on every branch they have."""
+"""The CPU kernels equal the reference path, on every branch they have: the tests of the kernel functions
+run on the build for this CPU and on the portable AVX2 build (-march=x86-64-v3) that a CPU without
+AVX-512 gets, so both sets of code paths are tested on every x86 machine."""
 
+import platform
+import shutil
 from unittest import mock
 
 import pytest
 import torch
 
-from gptoss.kernels import cpu_kernels, ops
+from gptoss.kernels import build, cpu_kernels, ops
 from gptoss.model.transformer import Experts
 from gptoss.quant import int8, mxfp4
 from gptoss.weights.checkpoint import load_model
 from tests.conftest import tiny_config
 
-kernels = cpu_kernels()
-pytestmark = pytest.mark.skipif(kernels is None, reason="the C++ kernels could not be compiled here")
+COMPILER = shutil.which("c++") is not None
+pytestmark = pytest.mark.skipif(not COMPILER, reason="no C++ compiler here")
+
+
+def test_the_kernels_compile_wherever_a_compiler_is():
+    assert cpu_kernels() is not None, "the C++ kernels did not build for this CPU (see the warning for why)"
+
+
+@pytest.fixture(scope="module", params=["native", "x86-64-v3"])
+def kernels(request):
+    if request.param == "native":
+        return cpu_kernels() or pytest.fail("the C++ kernels did not build for this CPU")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable build is x86's")
+    return build("gptoss_cpu_kernels_x86_64_v3", march=request.param)
 
 
 def random_problem(E=5, R=40, K=96, counts=(3, 0, 9, 1, 6), seed=0, scale_range=(112, 132)):
@@ -42,7 +59,7 @@ def expected_moe_matmul(x, blocks, scales, bias, counts):
 
 @pytest.mark.parametrize("K", [96, 160, 256])
 @pytest.mark.parametrize("counts", [(3, 0, 9, 1, 6), (1, 0, 0, 1, 0), (0, 0, 17, 0, 0)])
-def test_moe_matmul_equals_dequantized_matmul(counts, K):
+def test_moe_matmul_equals_dequantized_matmul(kernels, counts, K):
     """Token counts cover full tiles, remainders of 1-3 slots, single-slot GEMV and empty experts;
     K = 96, 160, 256 are 3, 5, 8 blocks: a lone partial 64-byte step, full steps plus a partial one,
     full steps only. fp32 activations take the exact path; bf16 ones the VNNI path (where the CPU has
@@ -60,7 +77,7 @@ def test_moe_matmul_equals_dequantized_matmul(counts, K):
 
 
 @pytest.mark.parametrize("scale,x_scale", [(1, 2.0**120), (252, 2.0**-120)])
-def test_moe_matmul_extreme_scales(scale, x_scale):
+def test_moe_matmul_extreme_scales(kernels, scale, x_scale):
     """E8M0 scales 1 and 252 (2^-126, and 2^125, the largest at which 6 x scale is a finite fp32), with
     activations that keep the products normal floats:
     the weight scale is still applied exactly on both paths."""
@@ -78,7 +95,7 @@ def test_moe_matmul_extreme_scales(scale, x_scale):
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
 @pytest.mark.parametrize("N,K", [(37, 2880), (8, 100), (5, 31)])
-def test_linear_bf16_is_correctly_rounded(M, N, K):
+def test_linear_bf16_is_correctly_rounded(kernels, M, N, K):
     """The GEMV kernel (M <= 4 rows) accumulates in fp32 and rounds once, as F.linear does: every output
     is the bf16 rounding of the fp32 sum up to fp32 summation order, so within one bf16 step."""
     g = torch.Generator().manual_seed(M * 1000 + N)
@@ -141,13 +158,13 @@ def test_fused_experts_bf16_error_against_reference_bf16():
     assert ratio < 2
 
 
-def test_dequantize_bf16_is_exact():
+def test_dequantize_bf16_is_exact(kernels):
     blocks, scales, *_ = random_problem()
     assert torch.equal(kernels.dequantize_bf16(blocks[2], scales[2]), mxfp4.dequantize(blocks[2], scales[2]))
 
 
 @pytest.mark.parametrize("branch", ["amx", "gemm"])
-def test_moe_matmul_many_slot_branches(branch):
+def test_moe_matmul_many_slot_branches(kernels, branch):
     """Experts with many slots: the AMX branch multiplies bf16 activations by the exact bf16 weights with
     fp32 accumulation (so it equals that product up to summation order); the dequantize + torch GEMM
     branch rounds its output to bf16 (so it equals it within one bf16 step). R = 40 leaves a short
@@ -193,7 +210,7 @@ def test_prefill_sized_steps_agree_with_the_reference(monkeypatch):
 
 @pytest.mark.parametrize("M", [1, 2, 4])
 @pytest.mark.parametrize("N,K", [(37, 2880), (8, 96), (5, 64)])
-def test_linear_int8_equals_its_emulation(M, N, K):
+def test_linear_int8_equals_its_emulation(kernels, M, N, K):
     """The int8 GEMV multiplies int8-rounded activations (groups of 8, as q8 does) by the int8 weights,
     accumulates in fp32 and rounds once to bf16: within one bf16 step of that product. K = 96 ends in a
     half step of 32."""
@@ -209,7 +226,7 @@ def test_linear_int8_equals_its_emulation(M, N, K):
         assert ((got.double() - expected).abs() <= step).all()
 
 
-def test_dequantize_int8_is_exact():
+def test_dequantize_int8_is_exact(kernels):
     values, scales = int8.quantize(torch.randn(50, 96, generator=torch.Generator().manual_seed(3)))
     assert torch.equal(kernels.dequantize_int8(values, scales), int8.dequantize(values, scales, torch.bfloat16))
 

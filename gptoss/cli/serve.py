@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +29,17 @@ def register(subparsers) -> None:
     p.add_argument("--store-size", default="256MiB", help="stored responses beyond this many bytes are dropped, "
                                                           "oldest first (default 256MiB)")
     p.add_argument("--served-model-name", help="the model id clients send (default: --model as given)")
+    limits = p.add_argument_group("limits and access")
+    limits.add_argument("--api-key", default=os.environ.get("GPTOSS_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                             "(default: $GPTOSS_API_KEY; none: open, which is why the default host is loopback)")
+    limits.add_argument("--max-queue", type=int, default=256,
+                        help="requests that may wait; beyond, 429 with Retry-After (default 256)")
+    limits.add_argument("--request-timeout", type=float,
+                        help="seconds a request may generate; then it ends as if out of budget (default: none)")
+    limits.add_argument("--max-body", default="16MiB", help="largest request body (default 16MiB); larger: 413")
+    limits.add_argument("--shutdown-grace", type=float, default=30.0,
+                        help="on SIGTERM or Ctrl-C, seconds running requests get to finish (default 30)")
     p.set_defaults(func=run)
 
 
@@ -40,7 +53,7 @@ def run(args) -> int:
     memory = kv_memory(args, model, args.max_batch, min(args.max_context or model.config.max_context,
                                                         model.config.max_context))
     engine = Engine(model, max_batch=args.max_batch, context=args.max_context, kv_memory=memory,
-                    prefix_reuse=not args.no_prefix_cache)
+                    prefix_reuse=not args.no_prefix_cache, max_waiting=args.max_queue)
     name = args.served_model_name or args.model or model.config.name
     cache = engine.cache
     print(f"gptoss serve: {name} on http://{args.host}:{args.port}/v1, up to {engine.max_batch} requests at once "
@@ -48,5 +61,11 @@ def run(args) -> int:
           f"{cache.page_size} tokens), prefix reuse {'off' if args.no_prefix_cache else 'on'}", file=sys.stderr)
     store = ResponseStore(args.store_path or default_store_path(), parse_bytes(args.store_size, "--store-size"))
     print(f"gptoss serve: stored responses in {store.path}", file=sys.stderr)
-    uvicorn.run(create_app(engine, name, store), host=args.host, port=args.port, log_level="warning")
+    app = create_app(engine, name, store, api_key=args.api_key, request_timeout=args.request_timeout,
+                     max_body_bytes=parse_bytes(args.max_body, "--max-body"))
+    # uvicorn handles SIGTERM: it stops accepting, lets running requests finish for the grace period, then
+    # closes the rest, and the app's shutdown stops the engine. Afterwards uvicorn raises the signal again for
+    # the handler it found installed: this one, so that a drained shutdown exits 0 rather than "killed".
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.shutdown_grace)
     return 0

@@ -69,8 +69,8 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
     }
   });
 #else
-  y.copy_(torch::nn::functional::linear(x.to(torch::kFloat32), weight.to(torch::kFloat32),
-                                        b.defined() ? b.to(torch::kFloat32) : torch::Tensor()));
+  y.copy_(at::linear(x.to(torch::kFloat32), weight.to(torch::kFloat32),
+                     b.defined() ? c10::optional<torch::Tensor>(b.to(torch::kFloat32)) : c10::nullopt));
 #endif
   return y;
 }

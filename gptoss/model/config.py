@@ -26,6 +26,14 @@ class ConfigError(GptossError):
     """A config.json that is missing a field, contradicts itself, or is not a GPT-OSS config."""
 
 
+# The largest size a config may name: far beyond any published model, small enough that nothing built from
+# a config (the RoPE tables, a KV cache, the model on the meta device) can ask for absurd memory because a
+# config.json says so.
+SIZE_LIMITS = {"vocab_size": 2**22, "hidden_size": 2**17, "num_layers": 2**11, "num_heads": 2**12,
+               "num_kv_heads": 2**12, "head_dim": 2**12, "num_experts": 2**14, "intermediate_size": 2**20,
+               "max_context": 2**24, "sliding_window": 2**24, "experts_per_token": 2**14}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "gpt-oss-20b"
@@ -79,13 +87,17 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"config {self.name!r}: {message}")
 
-        sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "num_experts",
-                 "intermediate_size", "max_context")
-        for size in sizes:
-            need(getattr(self, size) >= 1, f"{size} must be positive, got {getattr(self, size)}")
+        for size, largest in SIZE_LIMITS.items():
+            value = getattr(self, size)
+            need(isinstance(value, int) and not isinstance(value, bool), f"{size} must be an integer, got {value!r}")
+            need(1 <= value <= largest, f"{size} must be within 1..{largest}, got {value}")
         check_geometry(need, self.num_layers, self.layer_types, self.num_heads, self.num_kv_heads, self.sliding_window,
                        self.num_experts, self.experts_per_token)
         need(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE")
+        need(isinstance(self.rope_theta, (int, float)) and 1 < self.rope_theta < 1e12,
+             f"rope_theta must be within 1..1e12, got {self.rope_theta!r}")
+        need(isinstance(self.rope_scaling_factor, (int, float)) and 1 <= self.rope_scaling_factor <= 2**16,
+             f"rope scaling factor must be within 1..65536, got {self.rope_scaling_factor!r}")
         need(self.router in ROUTERS, f"router {self.router!r} is not one of {', '.join(ROUTERS)}")
         need(self.normalize_topk or self.router != "topk_softmax",
              "router 'topk_softmax' always normalises its top-k weights: normalize_topk must be True")
@@ -298,6 +310,8 @@ class ModelConfig:
                 return cls.from_original_config(raw, name=path.parent.name)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        except (TypeError, ValueError, ArithmeticError, AttributeError) as e:  # a value of the wrong kind
+            raise ConfigError(f"{path}: a value has the wrong type or is out of range ({e})") from None
         raise ConfigError(f"{path}: neither a Hugging Face gpt_oss config nor an OpenAI original/ config")
 
 

@@ -11,6 +11,7 @@ turn can name them as `previous_response_id`.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
@@ -30,8 +31,8 @@ from gptoss.chat.harmony import get_encoding, render_for_completion, stop_tokens
 from gptoss.chat.tokenizer import TextDecoder, get_tokenizer
 from gptoss.errors import GptossError
 from gptoss.generation.sampling import SamplingParams
-from gptoss.server.engine import Engine, EngineError, Generation
-from gptoss.server.errors import APIError, validation_error
+from gptoss.server.engine import Engine, EngineError, Generation, QueueFull
+from gptoss.server.errors import ERROR_RESPONSES, APIError, validation_error
 from gptoss.server.metrics import MetricsCollector
 from gptoss.server.outputs import ChatOutput, CompletionOutput, Output, ResponsesOutput, new_id, token_entry
 from gptoss.server.prompts import chat_from_messages, chat_from_responses_input, input_items, token_budget
@@ -72,6 +73,29 @@ async def drive(engine: Engine, choice: Choice, first_token: asyncio.Event | Non
 
 
 _DONE = object()
+DISCONNECT_POLL_S = 0.25
+RETRY_AFTER_S = 5  # what a client refused for a full queue is told to wait
+
+
+async def watch_disconnect(http: Request, choices: list[Choice]) -> None:
+    """For a non-streaming request (a streaming one notices a client that left at its next write):
+    cancels the generations once the client has gone, so they stop using the engine."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    for choice in choices:
+        choice.generation.cancel()
+
+
+async def collect(http: Request, engine: Engine, choices: list[Choice]) -> list[list]:
+    """Every choice's pieces, for a non-streaming answer; the generations stop if the client leaves."""
+    watcher = asyncio.create_task(watch_disconnect(http, choices))
+    try:
+        pieces: list[list] = [[] for _ in choices]
+        async for i, piece in pieces_of(engine, choices):
+            pieces[i].append(piece)
+        return pieces
+    finally:
+        watcher.cancel()
 
 
 async def pieces_of(engine: Engine, choices: list[Choice]) -> AsyncIterator[tuple[int, Any]]:
@@ -157,6 +181,8 @@ class Served:
     engine: Engine
     model_name: str
     store: ResponseStore
+    api_key: str | None = None          # required as "Authorization: Bearer KEY" on every endpoint but /health
+    request_timeout: float | None = None  # seconds a generation may run; then it ends as if out of budget
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check_model(self, name: str) -> None:
@@ -172,7 +198,7 @@ class Served:
                    top_logprobs: int | None, prompt_logprobs: bool = False) -> Generation:
         constraint = Constraint(rules, self.vocab_size) if rules is not None and rules.constrained else None
         return Generation(prompt, budget, params, stops, constraint=constraint, top_logprobs=top_logprobs,
-                          prompt_logprobs=prompt_logprobs)
+                          prompt_logprobs=prompt_logprobs, timeout=self.request_timeout)
 
 
 def served(http: Request) -> Served:
@@ -180,7 +206,23 @@ def served(http: Request) -> Served:
 
 
 ServedDep = Annotated[Served, Depends(served)]
-router = APIRouter()
+# What the generating endpoints answer: one JSON object, or server-sent events with `stream: true`.
+STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+
+
+def authorized(http: Request, s: ServedDep) -> None:
+    """With an API key set, every request must carry it (compared in constant time, so the time taken
+    tells nothing of how much of a guess was right)."""
+    if s.api_key is None:
+        return
+    scheme, _, key = http.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), s.api_key.encode()):
+        raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                       code="invalid_api_key")
+
+
+open_router = APIRouter()                                      # /health, for load balancers and watchdogs
+router = APIRouter(dependencies=[Depends(authorized)], responses=ERROR_RESPONSES)
 
 
 @router.get("/v1/models")
@@ -189,15 +231,14 @@ async def models(s: ServedDep):
             "data": [{"id": s.model_name, "object": "model", "created": s.created, "owned_by": "gptoss"}]}
 
 
-@router.get("/health")
+@open_router.get("/health")
 async def health(s: ServedDep):
-    """200 while the engine runs, 503 once it has stopped."""
-    if s.engine.alive():
-        return {"status": "ok"}
-    return JSONResponse({"status": "engine stopped"}, status_code=503)
+    """200 while the engine runs, 503 once it has stopped or is stuck in one step (`Engine.healthy`)."""
+    ok, why = s.engine.healthy()
+    return {"status": "ok"} if ok else JSONResponse({"status": why}, status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(s: ServedDep):
     """The engine's figures in Prometheus' text format (`gptoss_...`)."""
     return Response(generate_latest(MetricsCollector(s.engine).registry), media_type=CONTENT_TYPE_LATEST)
@@ -206,8 +247,8 @@ async def metrics(s: ServedDep):
 # --- chat completions --------------------------------------------------------------------------------------
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, s: ServedDep):
+@router.post("/v1/chat/completions", responses=STREAMED)
+async def chat_completions(body: ChatCompletionRequest, s: ServedDep, http: Request):
     s.check_model(body.model)
     body.check_supported()
     stops = body.stop_strings()
@@ -227,9 +268,7 @@ async def chat_completions(body: ChatCompletionRequest, s: ServedDep):
         return choices[i].output.finish_reason(choices[i].generation.finish_reason)
 
     if not body.stream:
-        deltas: list[list[dict]] = [[] for _ in choices]
-        async for i, delta in pieces_of(s.engine, choices):
-            deltas[i].append(delta)
+        deltas = await collect(http, s.engine, choices)
         return {**head, "usage": usage(len(prompt), choices),
                 "choices": [{"index": i, "message": ChatOutput.message(d),
                              "logprobs": ChatOutput.logprobs(d) if top is not None else None,
@@ -271,8 +310,8 @@ def completion_logprobs(entries: list, offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, s: ServedDep):
+@router.post("/v1/completions", responses=STREAMED)
+async def completions(body: CompletionRequest, s: ServedDep, http: Request):
     s.check_model(body.model)
     body.check_supported()
     stops = body.stop_strings()
@@ -305,9 +344,9 @@ async def completions(body: CompletionRequest, s: ServedDep):
         generation = choices[i].generation
         return {"text": echoes[i], "tokens": [generation.prompt[0], *generation.prompt_token_logprobs]}
 
-    async def pieces():
+    async def pieces(stream=None):
         started = set()
-        async for i, piece in pieces_of(s.engine, choices):
+        async for i, piece in stream or pieces_of(s.engine, choices):
             if echoes[i] is not None and i not in started:
                 started.add(i)
                 yield i, echoed(i)
@@ -325,8 +364,9 @@ async def completions(body: CompletionRequest, s: ServedDep):
         return choices[i].output.finish_reason(choices[i].generation.finish_reason)
 
     if not body.stream:
+        collected = await collect(http, s.engine, choices)
         texts: list[list[dict]] = [[] for _ in choices]
-        async for i, piece in pieces():
+        async for i, piece in pieces(replay(collected)):
             texts[i].append(piece)
         result = []
         for i, parts in enumerate(texts):
@@ -339,6 +379,12 @@ async def completions(body: CompletionRequest, s: ServedDep):
                                      (lambda: usage(prompt_tokens, choices)) if body.include_usage() else None))
 
 
+async def replay(collected: list[list]) -> AsyncIterator[tuple[int, Any]]:
+    for i, pieces in enumerate(collected):
+        for piece in pieces:
+            yield i, piece
+
+
 def decode(ids: list[int]) -> str:
     decoder = TextDecoder()
     return "".join(decoder.feed(t) for t in ids) + decoder.flush()
@@ -349,8 +395,8 @@ def decode(ids: list[int]) -> str:
 INPUT_ITEMS = TypeAdapter(list[InputItem])
 
 
-@router.post("/v1/responses")
-async def responses(body: ResponsesRequest, s: ServedDep):
+@router.post("/v1/responses", responses=STREAMED)
+async def responses(body: ResponsesRequest, s: ServedDep, http: Request):
     s.check_model(body.model)
     body.check_supported()
     earlier = []
@@ -398,8 +444,7 @@ async def responses(body: ResponsesRequest, s: ServedDep):
         return result
 
     if not body.stream:
-        async for _ in pieces_of(s.engine, [choice]):
-            pass
+        await collect(http, s.engine, [choice])
         return finished()
 
     async def events():
@@ -445,6 +490,48 @@ async def delete_response(response_id: str, s: ServedDep):
 
 # --- the app --------------------------------------------------------------------------------------------
 
+MAX_BODY_BYTES = 16 * 2**20
+
+
+class BodyLimit:
+    """Refuses a request body over `max_bytes` with a 413, before it is read whole: by its Content-Length,
+    or as a chunked body grows past the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(APIError(413, f"The request body is larger than {self.max_bytes} bytes.",
+                                   code="request_too_large").body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    pass
+
 
 async def api_error(_: Request, e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
@@ -459,6 +546,9 @@ async def bad_value(http: Request, e: GptossError) -> JSONResponse:
 
 
 async def engine_failed(_: Request, e: EngineError) -> JSONResponse:
+    if isinstance(e, QueueFull):
+        return JSONResponse(APIError(429, str(e), type="rate_limit_error", code="queue_full").body(), status_code=429,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
     return JSONResponse(server_error(e), status_code=500)
 
 
@@ -470,9 +560,11 @@ async def stored_item_invalid(http: Request, e: ValidationError) -> JSONResponse
     return JSONResponse(server_error(RuntimeError(f"a stored conversation does not parse: {e}")), status_code=500)
 
 
-def create_app(engine: Engine, model_name: str, store: ResponseStore | None = None) -> FastAPI:
+def create_app(engine: Engine, model_name: str, store: ResponseStore | None = None, api_key: str | None = None,
+               request_timeout: float | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `engine`'s model as `model_name`, keeping responses in `store` (default:
-    in memory, gone with the process). It starts the engine and closes it on shutdown."""
+    in memory, gone with the process); `api_key`, `request_timeout` and `max_body_bytes` as in `Served`
+    and `BodyLimit`. It starts the engine and closes it on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -483,9 +575,12 @@ def create_app(engine: Engine, model_name: str, store: ResponseStore | None = No
 
     app = FastAPI(title="gptoss", lifespan=lifespan)
     app.state.engine = engine  # for code that embeds the app
-    app.state.served = Served(engine, model_name, store or ResponseStore(":memory:"))
+    app.state.served = Served(engine, model_name, store or ResponseStore(":memory:"), api_key, request_timeout)
     for error, handler in ((APIError, api_error), (RequestValidationError, invalid_body), (GptossError, bad_value),
                            (EngineError, engine_failed), (HTTPException, http_error), (ValidationError, stored_item_invalid)):
         app.add_exception_handler(error, handler)
+    app.include_router(open_router)
     app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
+

@@ -50,6 +50,10 @@ class EngineError(GptossError):
     """The engine failed while computing a generation (or shut down before finishing it)."""
 
 
+class QueueFull(EngineError):
+    """More generations wait than the engine takes (`max_waiting`): the client should come back later."""
+
+
 @dataclass(frozen=True)
 class TokenLogprobs:
     """A token's log-probability under the model (before temperature, bias, penalties and grammar), and
@@ -85,10 +89,11 @@ class Generation:
 
     def __init__(self, prompt: Seq[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
                  stop_tokens: Seq[int] = (), constraint: Constraint | None = None, top_logprobs: int | None = None,
-                 prompt_logprobs: bool = False):
+                 prompt_logprobs: bool = False, timeout: float | None = None):
         """constraint: the grammar every new token must fit (`gptoss.chat.grammar`). top_logprobs: record
         each new token's log-probability and the `top_logprobs` likeliest alternatives (None: nothing).
-        prompt_logprobs: also those of the prompt's tokens (the prompt is then computed whole, not reused)."""
+        prompt_logprobs: also those of the prompt's tokens (the prompt is then computed whole, not reused).
+        timeout: seconds from now after which the generation ends as if its budget ran out."""
         if not prompt:
             raise ContextError("the prompt needs at least one token")
         if max_new_tokens < 1:
@@ -98,6 +103,7 @@ class Generation:
         self.generator = None  # its own random stream (seeds hold in any batch), made on the model's device
         self.finish_reason: str | None = None
         self.cancelled = False
+        self.deadline = None if timeout is None else time.monotonic() + timeout
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[int | _Finished] = asyncio.Queue()
         self.constraint, self.top_logprobs, self.prompt_logprobs = constraint, top_logprobs, prompt_logprobs
@@ -123,6 +129,9 @@ class Generation:
 
     def decoding(self) -> bool:
         return bool(self.generated) and self.sequence.length == len(self.known_tokens) - 1
+
+    def past(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
 
     def cancel(self) -> None:
         """Stops the generation; the engine frees its pages before its next step. Safe to call twice."""
@@ -155,11 +164,13 @@ class Engine:
 
     def __init__(self, model: Transformer, max_batch: int = 8, context: int | None = None,
                  kv_memory: int | None = None, chunk: int = PREFILL_CHUNK, page_size: int = PAGE_SIZE,
-                 prefix_reuse: bool = True):
+                 prefix_reuse: bool = True, max_waiting: int = 256, stall_timeout: float = 300.0):
         """max_batch: generations running at once. context: tokens per request, prompt and completion
         (default: the model's), lowered to what the KV memory holds. kv_memory: bytes of the page pool
         (default: room for max_batch requests of `context` tokens). prefix_reuse: False computes every
-        prompt whole (for comparison).
+        prompt whole (for comparison). max_waiting: generations that may wait; one more is refused
+        (QueueFull). stall_timeout: seconds one scheduler step may take before the engine counts as
+        stuck (`healthy`).
 
         chunk: prompt tokens prefilled per scheduler step, between two decode steps of the running
         requests. 512 (as `gptoss bench` and llama.cpp's micro-batch) against 128: a 1024-token prompt
@@ -183,6 +194,8 @@ class Engine:
         self._wakeup = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="gptoss-engine", daemon=True)
+        self.max_waiting, self.stall_timeout = max_waiting, stall_timeout
+        self.step_started: float | None = None  # when the step in progress began (None between steps)
         self.counters = collections.Counter()  # requests, prompt_tokens, cached_tokens, generated_tokens, ...
         self._history: collections.deque[tuple[float, int, int]] = collections.deque()
 
@@ -206,6 +219,8 @@ class Engine:
         with self._wakeup:
             if self._closed:
                 raise EngineError("the engine is shut down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already; try again later")
             self._waiting.append(generation)
             self._wakeup.notify()
         return generation
@@ -215,6 +230,15 @@ class Engine:
 
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._closed
+
+    def healthy(self) -> tuple[bool, str]:
+        """(ok, why not): the scheduler thread runs, and no step has lasted past `stall_timeout`."""
+        if not self.alive():
+            return False, "the engine has stopped"
+        started = self.step_started
+        if started is not None and time.monotonic() - started > self.stall_timeout:
+            return False, f"the engine has been in one step for {time.monotonic() - started:.0f} s"
+        return True, "ok"
 
     def stats(self) -> dict:
         """What /metrics reports: the pool, the queue, the counters, and tokens per second lately."""
@@ -234,15 +258,24 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():
             while self._next_step_ready():
-                self._drop_cancelled()
-                self._admit()
-                self._prefill()
-                decoding = [g for g in self.running if g.decoding()]
-                if decoding:
-                    self._guarded(decoding, self._decode)
-                self._note_rates()
+                self.step_started = time.monotonic()
+                try:
+                    self._step()
+                except Exception as e:  # a bug outside any one generation's work: those running fail, the engine goes on
+                    for generation in list(self.running):
+                        self._finish(generation, "error", e)
+                self.step_started = None
         for generation in [*self._waiting, *self.running]:
             generation._deliver(_Finished("cancelled", EngineError("the server is shutting down")))
+
+    def _step(self) -> None:
+        self._drop_finished_early()
+        self._admit()
+        self._prefill()
+        decoding = [g for g in self.running if g.decoding()]
+        if decoding:
+            self._guarded(decoding, self._decode)
+        self._note_rates()
 
     def _next_step_ready(self) -> bool:
         """Sleeps until there is work (a waiting or running generation) or a close; False on close."""
@@ -250,14 +283,18 @@ class Engine:
             self._wakeup.wait_for(lambda: self._closed or self._waiting or self.running)
             return not self._closed
 
-    def _drop_cancelled(self) -> None:
-        for generation in [g for g in self.running if g.cancelled]:
-            self._finish(generation, "cancelled")
+    def _drop_finished_early(self) -> None:
+        """Generations cancelled (a client that left) or past their deadline end here, waiting or running;
+        a late one ends as if its budget ran out ("length"), keeping what it made."""
+        now = time.monotonic()
+        for generation in list(self.running):
+            if generation.cancelled or generation.past(now):
+                self._finish(generation, "cancelled" if generation.cancelled else "length")
         with self._wakeup:
-            cancelled = [g for g in self._waiting if g.cancelled]
-            self._waiting = collections.deque(g for g in self._waiting if not g.cancelled)
-        for generation in cancelled:  # a consumer still reading tokens() learns it ended
-            generation._deliver(_Finished("cancelled"))
+            ended = [g for g in self._waiting if g.cancelled or g.past(now)]
+            self._waiting = collections.deque(g for g in self._waiting if g not in ended)
+        for generation in ended:  # a consumer still reading tokens() learns it ended
+            generation._deliver(_Finished("cancelled" if generation.cancelled else "length"))
 
     def _admit(self) -> None:
         """Moves waiting generations to the running ones, in order, while they fit (see the module doc)."""
@@ -265,8 +302,14 @@ class Engine:
             while self._waiting and len(self.running) < self.max_batch:
                 generation = self._waiting[0]
                 sequence = self.cache.sequence()
-                # prompt_logprobs needs the logits of every prompt position: computed, not reused
-                reused = 0 if generation.prompt_logprobs else sequence.reuse_prefix(generation.known_tokens)
+                try:
+                    # prompt_logprobs needs the logits of every prompt position: computed, not reused
+                    reused = 0 if generation.prompt_logprobs else sequence.reuse_prefix(generation.known_tokens)
+                except Exception as e:  # this generation alone fails
+                    sequence.release()
+                    self._waiting.popleft()
+                    generation._deliver(_Finished("error", e))
+                    continue
                 if self.running and sequence.pages_to_grow(len(generation.known_tokens)) > self.cache.free_pages:
                     sequence.release()
                     return

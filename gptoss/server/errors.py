@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 
 
 class APIError(Exception):
@@ -18,6 +19,26 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The shape of every error answer, for the OpenAPI schema."""
+
+    error: ErrorDetail
+
+
+# The errors an endpoint may answer, documented in the OpenAPI schema (clients and fuzzers read it).
+ERROR_RESPONSES = {status: {"model": ErrorBody, "description": why} for status, why in (
+    (400, "a malformed, out-of-range or unsupported request"), (401, "a missing or wrong API key"),
+    (404, "an unknown model or stored response"), (413, "a request body over the limit"),
+    (429, "the queue is full: try again after Retry-After seconds"), (500, "a failure inside the engine"))}
 
 
 def validation_error(exc: RequestValidationError) -> APIError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from gptoss.generation.sampling import SamplingParams
 from gptoss.server.errors import APIError
@@ -25,9 +25,18 @@ class _Part(BaseModel):
 
 
 class _Request(BaseModel):
-    """A request body: a field OpenAI's reference does not have is refused (pydantic's extra_forbidden)."""
+    """A request body: a field OpenAI's reference does not have is refused (pydantic's extra_forbidden),
+    and so is a string that is not text (a lone surrogate such as "\\ud800", which JSON allows)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data: Any) -> Any:
+        if path := _unencodable(data):
+            raise APIError(400, f"{path}: holds a lone surrogate (half of a UTF-16 pair), which is not text",
+                           param=path, code="invalid_string")
+        return data
 
     def refuse_unsupported(self, supported: dict[str, Any]) -> None:
         """A 400 for each field set to a value other than the ones `supported` lists for it."""
@@ -36,6 +45,24 @@ class _Request(BaseModel):
             if value is not None and value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
                 raise APIError(400, f"{name} = {value!r} is not supported by this server", param=name,
                                code="unsupported_parameter")
+
+
+def _unencodable(value: Any, path: str = "") -> str | None:
+    """The path of the first string in `value` (nested dicts and lists) that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if found := _unencodable(key, path) or _unencodable(item, f"{path}.{key}" if path else str(key)):
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if found := _unencodable(item, f"{path}.{i}" if path else str(i)):
+                return found
+    return None
 
 
 class TextPart(_Part):
