@@ -34,8 +34,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    params = sampling_params(args)
     model = load_from_args(args)
+    params = sampling_params(args, model.generation_config)
     cache = KVCache.for_bytes(model.config, kv_memory(args, model, 1, model.config.max_context), dtype=model.dtype,
                               device=model.device)
     new_chat = lambda: Chat(reasoning_effort=args.reasoning, developer_instructions=args.system)  # noqa: E731

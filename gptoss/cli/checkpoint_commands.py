@@ -1,4 +1,5 @@
-"""`gptoss make-checkpoint` (random weights of a real geometry) and `gptoss inspect` (what a checkpoint holds)."""
+"""`gptoss make-checkpoint` (random weights of a real geometry), `gptoss inspect` (what a checkpoint holds) and
+`gptoss pull` (download what we load from the Hugging Face Hub)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from gptoss.errors import GptossError
 from gptoss.model.config import PRESETS, ModelConfig, preset
 from gptoss.weights.checkpoint import open_checkpoint
+from gptoss.weights.hub import REPO_ID, download
 from gptoss.weights.layout import LAYOUTS
 from gptoss.weights.random_checkpoint import write_random_checkpoint
 
@@ -29,6 +31,15 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="check a checkpoint directory and print what it holds")
     p.add_argument("model", type=Path)
     p.set_defaults(func=inspect)
+
+    p = subparsers.add_parser("pull", help="download a model from the Hugging Face Hub (only what gptoss loads)",
+                              description="Downloads the Hugging Face layout of a repository (config.json, "
+                                          "generation_config.json, the safetensors and their index; not original/ "
+                                          "or metal/) into the Hugging Face cache, resuming an interrupted download, "
+                                          "and prints the directory. Later --model REPO finds it there, offline too.")
+    p.add_argument("repo", help="a Hugging Face repo id, e.g. openai/gpt-oss-20b")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    p.set_defaults(func=pull)
 
 
 def make_checkpoint(args) -> int:
@@ -55,4 +66,15 @@ def inspect(args) -> int:
     print(f"  {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} query / {cfg.num_kv_heads} KV heads "
           f"x {cfg.head_dim}, {cfg.num_experts} experts top-{cfg.experts_per_token}, vocab {cfg.vocab_size}, "
           f"window {cfg.sliding_window}, context {cfg.max_context}")
+    gen = ckpt.generation_config
+    sampling = ", ".join(f"{k} {v}" for k, v in (("do_sample", gen.do_sample), ("temperature", gen.temperature),
+                                                 ("top_p", gen.top_p), ("top_k", gen.top_k)) if v is not None)
+    print(f"  stops at tokens {list(gen.eos_token_ids)}; sampling defaults: {sampling or 'none'}")
+    return 0
+
+
+def pull(args) -> int:
+    if not REPO_ID.match(args.repo):
+        raise GptossError(f"{args.repo}: not a Hugging Face repo id (owner/name)")
+    print(download(args.repo, revision=args.revision))
     return 0

@@ -20,12 +20,12 @@ def register(subparsers) -> None:
 def run_generate(args) -> int:
     from gptoss.chat.tokenizer import get_tokenizer
 
-    params = sampling_params(args)
     model = load_from_args(args)
+    params = sampling_params(args, model.generation_config)
     prompt = get_tokenizer().encode(args.text, allowed_special="all")
     sys.stdout.write(args.text)
     start, count = time.perf_counter(), 0
-    for token, text in stream_text(model, prompt, args.max_tokens, params, stop_tokens=model.config.eos_token_ids):
+    for token, text in stream_text(model, prompt, args.max_tokens, params, stop_tokens=model.generation_config.eos_token_ids):
         count += token is not None
         sys.stdout.write(text)
         sys.stdout.flush()

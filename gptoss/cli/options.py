@@ -10,8 +10,10 @@ import torch
 from gptoss.errors import GptossError
 from gptoss.generation.cache import allocated_kv_bytes
 from gptoss.generation.sampling import SamplingParams
+from gptoss.model.generation_config import GenerationConfig
 from gptoss.weights.checkpoint import load_model
 from gptoss.weights.hub import resolve_model
+from gptoss.weights.pages import available_memory
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -27,15 +29,20 @@ def add_model_options(p) -> None:
 
 def add_sampling_options(p, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--temperature", type=float, help="0 = greedy; default: the checkpoint's generation_config.json "
+                                                     "(gpt-oss's says do_sample, so 1.0), else 0")
+    p.add_argument("--top-k", type=int, help="default: the checkpoint's generation_config.json, else none")
+    p.add_argument("--top-p", type=float, help="default: the checkpoint's generation_config.json, else none")
     p.add_argument("--min-p", type=float)
     p.add_argument("--seed", type=int)
 
 
-def sampling_params(args) -> SamplingParams:
-    return SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+def sampling_params(args, defaults: GenerationConfig) -> SamplingParams:
+    """The sampling options given, and for those not given the checkpoint's generation_config.json."""
+    temperature = defaults.default_temperature(fallback=0.0) if args.temperature is None else args.temperature
+    top_k = defaults.top_k if args.top_k is None else args.top_k
+    top_p = defaults.top_p if args.top_p is None else args.top_p
+    return SamplingParams(temperature, top_k, None if top_p == 1 else top_p, args.min_p, args.seed)
 
 
 def load_from_args(args):
@@ -89,15 +96,3 @@ def kv_memory(args, model, sequences: int, tokens: int) -> int:
     wanted = allocated_kv_bytes(model.config, tokens, sequences, dtype_bytes=model.dtype.itemsize)["total"]
     weights = sum(t.nbytes for t in model.state_dict().values())
     return min(wanted, max(256 * 2**20, (available_memory() - weights) // 2))
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else 8 GiB as a guess."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30

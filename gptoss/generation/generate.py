@@ -122,11 +122,11 @@ def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: f
     """New token ids for one prompt (a list of ints) or for each of a batch of prompts (a list of lists).
 
     Stops at max_new_tokens or after a stop token (which is included); stop tokens default to the
-    model's end-of-sequence tokens. `cache`: a KVCache kept between calls; `rules`: what a harmony
+    model's stop tokens (its generation_config.json's, else config.json's). `cache`: a KVCache kept between calls; `rules`: what a harmony
     completion must look like (see `stream_batch`).
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, seed)
-    stop = model.config.eos_token_ids if stop_tokens is None else stop_tokens
+    stop = model.generation_config.eos_token_ids if stop_tokens is None else stop_tokens
     prompts = _as_batch(prompt_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in stream_batch(model, prompts, max_new_tokens, params, stop, chunk, cache, rules):

@@ -21,6 +21,7 @@ from torch import nn
 from gptoss.kernels import ops
 from gptoss.kernels.experts import Activation
 from gptoss.model.config import ModelConfig
+from gptoss.model.generation_config import GenerationConfig
 from gptoss.quant import mxfp4
 from gptoss.quant.int8 import Int8Weight
 
@@ -199,6 +200,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, quantized_experts: bool = False):
         super().__init__()
         self.config = cfg
+        # stop tokens and sampling defaults; the loader puts a checkpoint's generation_config.json here
+        self.generation_config = GenerationConfig.for_model(cfg)
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
             layers=nn.ModuleList(Block(cfg, i, quantized_experts) for i in range(cfg.num_layers)),

@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from gptoss.generation.sampling import SamplingParams
+from gptoss.model.generation_config import GenerationConfig
 from gptoss.server.errors import APIError
 
 
@@ -97,16 +98,20 @@ class SamplingFields(_Request):
     metadata: dict[str, str] | None = None     # echoed on stored responses
     service_tier: Literal["auto", "default"] | None = None
 
-    def sampling(self, logit_bias: LogitBias | None = None, presence_penalty: float | None = None,
-                 frequency_penalty: float | None = None, vocab_size: int | None = None) -> SamplingParams:
-        """OpenAI's defaults: temperature 1, no nucleus cut. Temperature 0 is greedy."""
+    def sampling(self, defaults: GenerationConfig, logit_bias: LogitBias | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 vocab_size: int | None = None) -> SamplingParams:
+        """The request's values; for those it does not give, the checkpoint's generation_config.json
+        (`defaults`), else OpenAI's defaults: temperature 1, no nucleus cut. Temperature 0 is greedy. The
+        file's top_k applies too (the OpenAI API has no such field)."""
         bias = {}
         for key, value in (logit_bias or {}).items():
             if not key.isdigit() or vocab_size is not None and int(key) >= vocab_size:
                 raise APIError(400, f"logit_bias: {key!r} is not a token id of this model", param="logit_bias")
             bias[int(key)] = value
-        top_p = self.top_p if self.top_p is not None and self.top_p < 1 else None
-        return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature, top_p=top_p,
+        top_p = defaults.top_p if self.top_p is None else self.top_p
+        temperature = defaults.default_temperature(fallback=1.0) if self.temperature is None else self.temperature
+        return SamplingParams(temperature=temperature, top_p=None if top_p == 1 else top_p, top_k=defaults.top_k,
                               seed=self.seed, logit_bias=bias, presence_penalty=presence_penalty or 0.0,
                               frequency_penalty=frequency_penalty or 0.0)
 
@@ -135,8 +140,8 @@ class TextCompletionFields(SamplingFields):
             raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
         return stops
 
-    def sampling(self, vocab_size: int | None = None) -> SamplingParams:
-        return super().sampling(self.logit_bias, self.presence_penalty, self.frequency_penalty, vocab_size)
+    def sampling(self, defaults: GenerationConfig, vocab_size: int | None = None) -> SamplingParams:
+        return super().sampling(defaults, self.logit_bias, self.presence_penalty, self.frequency_penalty, vocab_size)
 
 
 class FunctionCall(_Part):

@@ -8,9 +8,7 @@ memory-mapped tensors to it, so the weights are never held twice.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
 import re
 import sys
 from dataclasses import dataclass
@@ -23,9 +21,11 @@ from tqdm import tqdm
 
 from gptoss.errors import GptossError
 from gptoss.model.config import ConfigError, ModelConfig, read_config_json
+from gptoss.model.generation_config import FILE as GENERATION_CONFIG, GenerationConfig
 from gptoss.model.transformer import Transformer
 from gptoss.quant import mxfp4
 from gptoss.quant.int8 import Int8Weight
+from gptoss.weights.pages import populate, release_pages
 from gptoss.weights.layout import HF, ORIGINAL, checkpoint_plan, checkpoint_tensor_specs, is_norm
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -46,9 +46,10 @@ class TensorInfo:
 class Checkpoint:
     """A validated checkpoint directory: its config, layout, and a map of tensor name -> file."""
 
-    def __init__(self, directory: Path, config: ModelConfig, layout: str, quantized: bool,
-                 tensors: dict[str, TensorInfo]):
+    def __init__(self, directory: Path, config: ModelConfig, generation_config: GenerationConfig, layout: str,
+                 quantized: bool, tensors: dict[str, TensorInfo]):
         self.directory, self.config, self.layout, self.quantized = directory, config, layout, quantized
+        self.generation_config = generation_config
         self.tensors = tensors
         self._handles: dict[Path, object] = {}
 
@@ -76,7 +77,7 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    directory = Path(path)
+    directory = root = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     if not (directory / "config.json").exists() and (directory / "original" / "config.json").exists():
@@ -85,6 +86,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face or OpenAI original/ checkpoint)")
     try:
         config = ModelConfig.from_json_file(directory / "config.json")
+        # Beside config.json, or at the repository's root above original/ (where the published repos keep it).
+        found = [d / GENERATION_CONFIG for d in (directory, root) if (d / GENERATION_CONFIG).exists()]
+        generation_config = (GenerationConfig.from_json_file(found[0], config) if found
+                             else GenerationConfig.for_model(config))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -103,7 +108,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{directory / 'config.json'}: quantization_config says the experts are MXFP4, "
                               f"but the tensors hold them dense (no *_blocks / *_scales)")
     _validate(directory, config, tensors, checkpoint_tensor_specs(config, layout, quantized))
-    return Checkpoint(directory, config, layout, quantized, tensors)
+    return Checkpoint(directory, config, generation_config, layout, quantized, tensors)
 
 
 def _index_tensors(directory: Path) -> dict[str, TensorInfo]:
@@ -178,7 +183,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
 
     dtype: of the dense weights and activations; default: the checkpoint's own (bf16 as published).
     MXFP4 experts stay packed unless `dequantize_experts` asks for dense experts in `dtype`.
-    progress: a progress bar on stderr, one step per tensor.
+    progress: progress bars on stderr while the tensors are assigned and while the weights are first read
+    into memory (`pages.populate`: done in any case where they fit, so the first forward pass finds them).
     kernels: use the fused CPU kernels where they apply (False: the pure-PyTorch reference path).
     int8_dense: hold the attention projections and the unembedding in int8 blocks (gptoss.quant.int8).
     """
@@ -204,24 +210,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             state[base] = mxfp4.dequantize(state.pop(key), state.pop(base + "_scales"), dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
+    model.generation_config = ckpt.generation_config
     if int8_dense:
         for layer in model.int8_layers():
             bf16 = layer.weight
             layer.hold_int8(Int8Weight.quantize(bf16.detach()))
             release_pages(bf16)
-    return model.to(device).eval().use_kernels(kernels)
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """Asks Linux to reclaim the memory pages that lie wholly inside `t` (MADV_PAGEOUT), once a copy in
-    another format has replaced it. A memory-mapped checkpoint keeps the whole file mapped while other
-    tensors of it live, so without this the original would stay resident and counted in the process's
-    RSS. Reclaiming never loses data (a mapped page is read again from its file if touched); where the
-    call is not supported, nothing happens."""
-    if t.device.type != "cpu" or not hasattr(ctypes.CDLL(None), "madvise"):
-        return
-    start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-        MADV_PAGEOUT = 21
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
+    model = model.to(device).eval().use_kernels(kernels)
+    populate(list(model.state_dict().values()), progress)
+    return model

@@ -54,13 +54,19 @@ def resolve_model(spec: str | None) -> Path:
     return download(spec)
 
 
-def download(repo_id: str) -> Path:
-    """Downloads the Hugging Face layout of `repo_id` (not its original/ or metal/ copies), with progress."""
+# What `load_model` reads of a published repository: not original/ or metal/ (a second and a third copy of
+# the weights), nor the tokenizer files (the o200k_harmony vocabulary ships with gptoss).
+LOADED_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json", "*.safetensors"]
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """Downloads the Hugging Face layout of `repo_id` into the Hugging Face cache (resuming a download that
+    was cut off), with progress bars; offline, the cached copy."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"],
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=LOADED_FILES,
                                       ignore_patterns=["original/*", "metal/*"]))
     except LocalEntryNotFoundError:
         raise GptossError(f"{repo_id}: not in the local Hugging Face cache and cannot be downloaded "

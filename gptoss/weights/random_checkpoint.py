@@ -18,6 +18,7 @@ import torch
 
 from gptoss.errors import GptossError
 from gptoss.model.config import ModelConfig
+from gptoss.model.generation_config import FILE as GENERATION_CONFIG, GenerationConfig
 from gptoss.weights.checkpoint import INDEX_FILE
 from gptoss.weights.layout import HF, TensorSpec, checkpoint_plan, is_norm, model_tensor_specs
 
@@ -87,7 +88,7 @@ def _entries(cfg: ModelConfig, layout: str, seed: int):
 
 def write_random_checkpoint(cfg: ModelConfig, out: str | Path, layout: str = HF, seed: int = 0,
                             shard_bytes: int = 4 << 30, progress: Callable[[str], None] | None = None) -> Path:
-    """Writes config.json and the weights; HF checkpoints larger than `shard_bytes` are sharded with an index."""
+    """Writes config.json (and for HF generation_config.json) and the weights; HF checkpoints larger than `shard_bytes` are sharded with an index."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise GptossError(f"{out}: not empty; choose a new directory (old shards would mix with the new ones)")
@@ -95,6 +96,9 @@ def write_random_checkpoint(cfg: ModelConfig, out: str | Path, layout: str = HF,
     entries = _entries(cfg, layout, seed)
     config = cfg.to_hf_config(quantized=True) if layout == HF else cfg.to_original_config()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if layout == HF:  # as the published repositories do (their original/ folder holds none)
+        generation = GenerationConfig.published(cfg).to_json()
+        (out / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
 
     shards: list[list] = [[]]
     sizes = [0]  # bytes of each shard
