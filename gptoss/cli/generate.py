@@ -25,7 +25,8 @@ def run_generate(args) -> int:
     prompt = get_tokenizer().encode(args.text, allowed_special="all")
     sys.stdout.write(args.text)
     start, count = time.perf_counter(), 0
-    for token, text in stream_text(model, prompt, args.max_tokens, params, stop_tokens=model.generation_config.eos_token_ids):
+    stops = model.generation_config.eos_token_ids
+    for token, text in stream_text(model, prompt, args.max_tokens, params, stop_tokens=stops):
         count += token is not None
         sys.stdout.write(text)
         sys.stdout.flush()

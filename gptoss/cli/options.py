@@ -9,7 +9,7 @@ import torch
 
 from gptoss.errors import GptossError
 from gptoss.generation.cache import allocated_kv_bytes
-from gptoss.generation.sampling import SamplingParams
+from gptoss.generation.sampling import SamplingParams, with_defaults
 from gptoss.model.generation_config import GenerationConfig
 from gptoss.weights.checkpoint import load_model
 from gptoss.weights.hub import resolve_model
@@ -39,10 +39,7 @@ def add_sampling_options(p, max_tokens: int) -> None:
 
 def sampling_params(args, defaults: GenerationConfig) -> SamplingParams:
     """The sampling options given, and for those not given the checkpoint's generation_config.json."""
-    temperature = defaults.default_temperature(fallback=0.0) if args.temperature is None else args.temperature
-    top_k = defaults.top_k if args.top_k is None else args.top_k
-    top_p = defaults.top_p if args.top_p is None else args.top_p
-    return SamplingParams(temperature, top_k, None if top_p == 1 else top_p, args.min_p, args.seed)
+    return with_defaults(defaults, 0.0, args.temperature, args.top_k, args.top_p, min_p=args.min_p, seed=args.seed)
 
 
 def load_from_args(args):

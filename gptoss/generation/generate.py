@@ -122,8 +122,8 @@ def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: f
     """New token ids for one prompt (a list of ints) or for each of a batch of prompts (a list of lists).
 
     Stops at max_new_tokens or after a stop token (which is included); stop tokens default to the
-    model's stop tokens (its generation_config.json's, else config.json's). `cache`: a KVCache kept between calls; `rules`: what a harmony
-    completion must look like (see `stream_batch`).
+    model's (its generation_config.json's, else config.json's). `cache`: a KVCache kept between calls;
+    `rules`: what a harmony completion must look like (see `stream_batch`).
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, seed)
     stop = model.generation_config.eos_token_ids if stop_tokens is None else stop_tokens

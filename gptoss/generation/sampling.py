@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gptoss.errors import GptossError
+from gptoss.model.generation_config import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,17 @@ class SamplingParams:
     def generator(self, device: str | torch.device = "cpu") -> torch.Generator | None:
         """A generator for `sample` on `device` (where the logits live), or None when unseeded."""
         return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+
+def with_defaults(defaults: GenerationConfig, fallback_temperature: float, temperature: float | None = None,
+                  top_k: int | None = None, top_p: float | None = None, **rest) -> SamplingParams:
+    """SamplingParams from the values a caller gives (None: not given), the checkpoint's
+    generation_config.json for those not given, and `fallback_temperature` where neither says (the CLI:
+    0, greedy; the OpenAI API: 1). A top_p of 1 cuts nothing."""
+    temperature = defaults.default_temperature(fallback_temperature) if temperature is None else temperature
+    top_k = defaults.top_k if top_k is None else top_k
+    top_p = defaults.top_p if top_p is None else top_p
+    return SamplingParams(temperature, top_k, None if top_p == 1 else top_p, **rest)
 
 
 def adjust(logits: torch.Tensor, params: SamplingParams, generated: Sequence[int] = ()) -> torch.Tensor:

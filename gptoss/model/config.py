@@ -337,13 +337,14 @@ def sliding_pattern(num_layers: int, local_per_global: int) -> tuple[str, ...]:
 
 
 def read_config_json(path: Path) -> dict:
-    """A config.json as a dict, or a one-line ConfigError naming the file."""
+    """A JSON config file of a checkpoint (config.json, generation_config.json) as a dict, or a one-line
+    ConfigError naming the file."""
     try:
         raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: config.json is not a JSON object")
+        raise ConfigError(f"{path}: not a JSON object")
     return raw
 
 

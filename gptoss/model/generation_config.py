@@ -9,12 +9,11 @@ fields are the defaults that a request's own parameters override.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptoss.model.config import ConfigError, ModelConfig
+from gptoss.model.config import ConfigError, ModelConfig, read_config_json
 
 FILE = "generation_config.json"
 STARTOFTEXT = 199998   # <|startoftext|>, the published bos_token_id
@@ -38,28 +37,25 @@ class GenerationConfig:
     @classmethod
     def from_json_file(cls, path: str | Path, cfg: ModelConfig) -> "GenerationConfig":
         """The file's fields, checked (token ids, value ranges); a one-line ConfigError naming the file."""
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read: {e}") from None
+        raw = read_config_json(path)
 
         def fail(message: str):
             raise ConfigError(f"{path}: {message}")
-
-        if not isinstance(raw, dict):
-            fail("not a JSON object")
 
         def token(value, key: str) -> int:  # as config.json's ids, not bound to the vocabulary (tiny test models)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(f"{key} {value!r} is not a token id")
             return value
 
+        def optional_token(key: str, default: int | None) -> int | None:
+            return default if raw.get(key) is None else token(raw[key], key)
+
         def number(key: str, low: float, high: float, kind=(int, float)):
             value = raw.get(key)
             if value is None:
                 return None
-            if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not low <= value <= high:
+            if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
+                    or not low <= value <= high):
                 fail(f"{key} must be a number within {low}..{high}, got {value!r}")
             return value
 
@@ -81,8 +77,8 @@ class GenerationConfig:
             temperature=number("temperature", 0, 100),
             top_p=top_p,
             top_k=top_k or None,
-            bos_token_id=None if raw.get("bos_token_id") is None else token(raw["bos_token_id"], "bos_token_id"),
-            pad_token_id=cfg.pad_token_id if raw.get("pad_token_id") is None else token(raw["pad_token_id"], "pad_token_id"),
+            bos_token_id=optional_token("bos_token_id", None),
+            pad_token_id=optional_token("pad_token_id", cfg.pad_token_id),
         )
 
     @classmethod

@@ -196,8 +196,9 @@ class Served:
         return self.engine.model.config.vocab_size
 
     @property
-    def sampling_defaults(self) -> GenerationConfig:
-        """The checkpoint's generation_config.json: what a request that leaves a sampling field out gets."""
+    def generation_config(self) -> GenerationConfig:
+        """The checkpoint's generation_config.json: raw completions' stop tokens, and what a request that
+        leaves a sampling field out gets."""
         return self.engine.model.generation_config
 
     def generation(self, prompt: list[int], budget: int, params: SamplingParams, stops, rules: OutputRules | None,
@@ -264,7 +265,7 @@ async def chat_completions(body: ChatCompletionRequest, s: ServedDep, http: Requ
     budget = token_budget(len(prompt), asked, s.engine.context, "messages",
                           "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = body.sampling(s.sampling_defaults, s.vocab_size)
+    params = body.sampling(s.generation_config, s.vocab_size)
     choices = [Choice(s.generation(prompt, budget, params, stop_tokens(), rules, top), ChatOutput(stops))
                for _ in range(body.n)]
     head = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": s.model_name,
@@ -321,8 +322,8 @@ async def completions(body: CompletionRequest, s: ServedDep, http: Request):
     s.check_model(body.model)
     body.check_supported()
     stops = body.stop_strings()
-    eos = s.engine.model.generation_config.eos_token_ids
-    params = body.sampling(s.sampling_defaults, s.vocab_size)
+    eos = s.generation_config.eos_token_ids
+    params = body.sampling(s.generation_config, s.vocab_size)
     choices, echoes, prompt_tokens = [], [], 0
     for prompt in body.prompts():
         ids = prompt if isinstance(prompt, list) else get_tokenizer().encode(prompt, allowed_special="all")
@@ -416,7 +417,8 @@ async def responses(body: ResponsesRequest, s: ServedDep, http: Request):
     prompt = render_for_completion(chat)
     budget = token_budget(len(prompt), body.max_output_tokens, s.engine.context, "input", "max_output_tokens")
     top = (body.top_logprobs or 0) if body.wants_logprobs else None
-    choice = Choice(s.generation(prompt, budget, body.sampling(s.sampling_defaults), stop_tokens(), rules, top), ResponsesOutput())
+    generation = s.generation(prompt, budget, body.sampling(s.generation_config), stop_tokens(), rules, top)
+    choice = Choice(generation, ResponsesOutput())
     output: ResponsesOutput = choice.output
     rid, created_at = new_id("resp_"), int(time.time())
 

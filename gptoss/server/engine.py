@@ -130,8 +130,12 @@ class Generation:
     def decoding(self) -> bool:
         return bool(self.generated) and self.sequence.length == len(self.known_tokens) - 1
 
-    def past(self, now: float) -> bool:
-        return self.deadline is not None and now > self.deadline
+    def ended_early(self, now: float) -> str | None:
+        """Why the generation must end before its next token: "cancelled" (its client left), "length" (past
+        its deadline, which ends it as if its budget ran out), or None."""
+        if self.cancelled:
+            return "cancelled"
+        return "length" if self.deadline is not None and now > self.deadline else None
 
     def cancel(self) -> None:
         """Stops the generation; the engine frees its pages before its next step. Safe to call twice."""
@@ -261,7 +265,7 @@ class Engine:
                 self.step_started = time.monotonic()
                 try:
                     self._step()
-                except Exception as e:  # a bug outside any one generation's work: those running fail, the engine goes on
+                except Exception as e:  # a bug outside any one generation's work: those running fail, not the engine
                     for generation in list(self.running):
                         self._finish(generation, "error", e)
                 self.step_started = None
@@ -288,13 +292,14 @@ class Engine:
         a late one ends as if its budget ran out ("length"), keeping what it made."""
         now = time.monotonic()
         for generation in list(self.running):
-            if generation.cancelled or generation.past(now):
-                self._finish(generation, "cancelled" if generation.cancelled else "length")
-        with self._wakeup:
-            ended = [g for g in self._waiting if g.cancelled or g.past(now)]
-            self._waiting = collections.deque(g for g in self._waiting if g not in ended)
-        for generation in ended:  # a consumer still reading tokens() learns it ended
-            generation._deliver(_Finished("cancelled" if generation.cancelled else "length"))
+            if why := generation.ended_early(now):
+                self._finish(generation, why)
+        with self._wakeup:  # one verdict each: a client may cancel meanwhile, from the event loop's thread
+            verdicts = [(g, g.ended_early(now)) for g in self._waiting]
+            self._waiting = collections.deque(g for g, why in verdicts if why is None)
+        for generation, why in verdicts:  # a consumer still reading tokens() learns it ended
+            if why is not None:
+                generation._deliver(_Finished(why))
 
     def _admit(self) -> None:
         """Moves waiting generations to the running ones, in order, while they fit (see the module doc)."""

@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from gptoss.generation.sampling import SamplingParams
+from gptoss.generation.sampling import SamplingParams, with_defaults
 from gptoss.model.generation_config import GenerationConfig
 from gptoss.server.errors import APIError
 
@@ -109,11 +109,8 @@ class SamplingFields(_Request):
             if not key.isdigit() or vocab_size is not None and int(key) >= vocab_size:
                 raise APIError(400, f"logit_bias: {key!r} is not a token id of this model", param="logit_bias")
             bias[int(key)] = value
-        top_p = defaults.top_p if self.top_p is None else self.top_p
-        temperature = defaults.default_temperature(fallback=1.0) if self.temperature is None else self.temperature
-        return SamplingParams(temperature=temperature, top_p=None if top_p == 1 else top_p, top_k=defaults.top_k,
-                              seed=self.seed, logit_bias=bias, presence_penalty=presence_penalty or 0.0,
-                              frequency_penalty=frequency_penalty or 0.0)
+        return with_defaults(defaults, 1.0, self.temperature, top_p=self.top_p, seed=self.seed, logit_bias=bias,
+                             presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0)
 
 
 class StreamOptions(_Part):

@@ -25,8 +25,8 @@ from gptoss.model.generation_config import FILE as GENERATION_CONFIG, Generation
 from gptoss.model.transformer import Transformer
 from gptoss.quant import mxfp4
 from gptoss.quant.int8 import Int8Weight
-from gptoss.weights.pages import populate, release_pages
 from gptoss.weights.layout import HF, ORIGINAL, checkpoint_plan, checkpoint_tensor_specs, is_norm
+from gptoss.weights.pages import populate, release_pages
 
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

@@ -88,7 +88,8 @@ def _entries(cfg: ModelConfig, layout: str, seed: int):
 
 def write_random_checkpoint(cfg: ModelConfig, out: str | Path, layout: str = HF, seed: int = 0,
                             shard_bytes: int = 4 << 30, progress: Callable[[str], None] | None = None) -> Path:
-    """Writes config.json (and for HF generation_config.json) and the weights; HF checkpoints larger than `shard_bytes` are sharded with an index."""
+    """Writes config.json (and for HF generation_config.json) and the weights; HF checkpoints larger than
+    `shard_bytes` are sharded with an index."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise GptossError(f"{out}: not empty; choose a new directory (old shards would mix with the new ones)")
