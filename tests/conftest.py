@@ -80,3 +80,32 @@ def running_server(app):
         uv.should_exit = True
         thread.join(30)
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="session")
+def tiny_random_model(tmp_path_factory):
+    """The tiny preset with the real vocabulary, random weights (seed 3), in fp32 so that greedy outputs
+    compare token for token: the model behind the server tests."""
+    from gptoss import load_model
+    from gptoss.weights.random_checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("tiny-model") / "tiny", seed=3)
+    return load_model(path, dtype=torch.float32)
+
+
+@pytest.fixture
+def forced_tokens(monkeypatch):
+    """Makes the engine sample given text's tokens (harmony special tokens included) before sampling as
+    usual again: a random model never calls a tool by itself. The model still runs; only the sampled
+    tokens are replaced. Returns the function that queues more text."""
+    from gptoss.chat.tokenizer import get_tokenizer
+    from gptoss.server import engine as engine_module
+
+    script = []
+    real = engine_module.sample
+
+    def sample(logits, params, generator=None):
+        return torch.tensor([script.pop(0)]) if script else real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    return lambda *texts: script.extend(t for text in texts for t in get_tokenizer().encode(text, allowed_special="all"))

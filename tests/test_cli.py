@@ -93,3 +93,35 @@ def test_bench_json_has_the_promised_keys(tiny_model, capsys):
     assert set(result["prefill_tok_s"]) == {"16", "32"} and all(v > 0 for v in result["prefill_tok_s"].values())
     for key in ("decode_tok_s", "decode_gb_s", "load_s", "peak_rss_gb"):
         assert result[key] > 0
+
+
+def test_chat_runs_the_browser_and_the_python_tool_within_a_turn(tiny_model, tmp_path, monkeypatch, capsys):
+    """`gptoss chat --browser-backend local:DIR --python-tool`: a random model calls no tool by itself, so
+    the sampled tokens are forced (the model still runs, under the tools' grammar): a search, a python
+    run, then an answer. Each call is run, its answer shown, and the model goes on in the same turn."""
+    import torch
+
+    from gptoss.chat.tokenizer import get_tokenizer
+    from gptoss.generation import generate as generate_module
+    from gptoss.tools.python_sandbox import sandbox_unavailable
+
+    if why := sandbox_unavailable():
+        pytest.skip(f"the python sandbox cannot run here: {why}")
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "moon.md").write_text("# The Moon\n\nThe moon raises the tides.\n")
+    forced = get_tokenizer().encode(
+        '<|channel|>analysis to=browser.search code<|message|>{"query": "tides"}<|call|>'
+        "<|channel|>analysis to=python code<|message|>print(6 * 7)<|call|>"
+        "<|channel|>final<|message|>Tides follow the moon.<|return|>", allowed_special="all")
+    real = generate_module.sample
+    monkeypatch.setattr(generate_module, "sample", lambda logits, params, generator=None: (
+        torch.tensor([forced.pop(0)]) if forced else real(logits, params, generator)))
+    lines = iter(["How do tides work?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli(["chat", "--model", str(tiny_model), "--browser-backend", f"local:{pages}", "--python-tool",
+                "--max-tokens", "300", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[0] tides" in out and "The Moon" in out     # the search results page the model was shown
+    assert "\n42\n" in out.replace("\033[0m", "\n").replace("\033[2m", "\n")  # what python printed
+    assert "Tides follow the moon." in out and not forced

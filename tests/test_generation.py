@@ -137,6 +137,8 @@ def test_sampling_filters():
     draws = lambda **kw: {sample(logits, SamplingParams(1.0, **kw), g).item() for _ in range(200)}  # noqa: E731
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=0.7) == {0, 1}        # 0.5 < 0.7 needs the second token, not the third
+    assert draws(top_p=2.2e-313) == {0}      # a top_p that is 0 in float32 still keeps the top token
+    assert {sample(logits, SamplingParams(1e-101), g).item() for _ in range(20)} == {0}  # tends to greedy
     assert draws(min_p=0.35) == {0, 1}       # 0.15 < 0.35 x 0.5
     assert draws() == {0, 1, 2, 3}
     assert sample(logits, SamplingParams(0.0)).item() == 0

@@ -14,7 +14,7 @@ LAYERS = [
     {"kernels"},
     {"model", "chat"},
     {"weights", "analysis"},
-    {"generation"},
+    {"generation", "tools"},
     {"server"},
     {"cli"},
 ]

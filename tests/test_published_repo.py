@@ -14,7 +14,6 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient

@@ -377,7 +377,8 @@ BAD_REQUESTS = [  # (what is wrong, endpoint, body, status, param)
     ("function output for no call", "responses",
      {"model": MODEL, "input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, 400,
      "input.0.call_id"),
-    ("unknown input item", "responses", {"model": MODEL, "input": [{"type": "web_search_call"}]}, 400, "input.0"),
+    ("unknown input item", "responses", {"model": MODEL, "input": [{"type": "image_generation_call"}]}, 400,
+     "input.0"),
     ("unknown endpoint", "embeddings", {"model": MODEL, "input": "hi"}, 404, None),
 ]
 

@@ -8,8 +8,9 @@ offered, preambles on the commentary channel, then the ending the request asks f
     function call    <|channel|>commentary to=functions.NAME <|constrain|>json<|message|> ARGS <|call|>
 
 A JSON answer fits the request's schema (`response_format`, Responses `text.format`), a call's ARGS
-always fit that tool's `parameters` schema, and `tool_choice` "required" or a named function removes
-the final answer from the endings. llguidance is made for this: it compiles a schema in milliseconds,
+always fit that tool's `parameters` schema (a freeform tool's text its lark or regex grammar, if it has
+one), and `tool_choice` "required" or a named tool removes the final answer from the endings. Calls of
+the built-in tools (browser, python) have headers of their own (`_call_header`). llguidance is made for this: it compiles a schema in milliseconds,
 computes the mask of allowed tokens over all 201,088 in about 0.2 ms a token (benchmarks/grammar_engines.py
 compares it with xgrammar), and reads harmony's special tokens inside the grammar.
 """
@@ -24,7 +25,7 @@ import llguidance
 import llguidance.numpy
 import torch
 
-from gptoss.chat.harmony import FunctionTool
+from gptoss.chat.harmony import FunctionTool, TextInput
 from gptoss.chat.tokenizer import get_tokenizer
 from gptoss.errors import GptossError
 
@@ -58,8 +59,9 @@ def lltokenizer(vocab_size: int) -> llguidance.LLTokenizer:
 @dataclass(frozen=True)
 class OutputRules:
     """What a completion must look like. answer_schema: JSON schema of the final answer (None: free
-    text). tools: the functions it may call, whose arguments must fit their schemas. tool_choice: "auto"
-    (answer or call), "required" (some call), or a function's name (that call)."""
+    text). tools: the tools it may call, whose inputs must fit their schemas or grammars. tool_choice:
+    "auto" (answer or call), "required" (some call), or a recipient ("functions.get_weather") or a
+    namespace ("browser") whose calls alone may end the completion."""
 
     answer_schema: dict | None = None
     tools: tuple[FunctionTool, ...] = ()
@@ -69,9 +71,10 @@ class OutputRules:
     def constrained(self) -> bool:
         return self.answer_schema is not None or bool(self.tools)
 
-    def lark(self) -> str:
-        """The rules as a llguidance lark grammar."""
-        calls = [t for t in self.tools if self.tool_choice in ("auto", "required", t.name)]
+    def grammar(self) -> str:
+        """The rules as a llguidance grammar (its JSON form): a lark grammar whose endings are the final
+        answer and one rule per callable tool, with each freeform tool's own grammar as a sub-grammar."""
+        calls = [t for t in self.tools if self.tool_choice in ("auto", "required", t.recipient, t.namespace)]
         endings = [f"call_{i}" for i in range(len(calls))]
         if self.tool_choice == "auto":
             endings.insert(0, "final")
@@ -83,10 +86,38 @@ class OutputRules:
         ]
         answer = "TEXT" if self.answer_schema is None else _json(self.answer_schema)
         lines.append(f'final: <|channel|> "final" <|message|> {answer} <|return|>')
+        grammars = []
         for i, tool in enumerate(calls):
-            lines.append(f'call_{i}: <|channel|> "commentary to=functions.{tool.name} " <|constrain|> "json" <|message|> '
-                         f"{_json(tool.parameters or ANY_OBJECT)} <|call|>")
-        return "\n".join(lines) + "\n"
+            if tool.text_input is None:
+                body = _json(tool.parameters or ANY_OBJECT)
+            elif tool.text_input.definition is None:
+                body = "TEXT"
+            else:
+                body = f"@input_{i}"
+                grammars.append({"name": f"input_{i}", "lark_grammar": _text_grammar(tool.text_input)})
+            lines.append(f"call_{i}: {_call_header(tool)} <|message|> {body} <|call|>")
+        return json.dumps({"grammars": [{"name": "completion", "lark_grammar": "\n".join(lines) + "\n"}, *grammars]})
+
+
+def _call_header(tool: FunctionTool) -> str:
+    """A call's header after <|start|>assistant, in lark. The developer's functions as harmony's guide
+    writes them (commentary channel, recipient after it, <|constrain|>json for JSON); the built-in tools
+    on either channel, with the recipient before or after it (harmony renders it before), "code" or no
+    content type."""
+    to = f'" to={tool.recipient}"'
+    if not tool.builtin:
+        return f'<|channel|> "commentary to={tool.recipient}" ' + ("" if tool.text_input else '" " <|constrain|> "json"')
+    channel = '("analysis" | "commentary")'
+    return f'(<|channel|> {channel} {to} | {to} <|channel|> {channel}) (" code")?'
+
+
+def _text_grammar(text_input: TextInput) -> str:
+    """A freeform tool's grammar as a lark grammar of its own: OpenAI's custom tools give lark or a regex."""
+    if text_input.syntax == "regex":
+        return "start: /" + text_input.definition.replace("/", "\\/") + "/\n"
+    if text_input.syntax == "lark":
+        return text_input.definition
+    raise GrammarError(f"a tool's grammar syntax must be lark or regex, not {text_input.syntax!r}")
 
 
 class Constraint:
@@ -94,8 +125,7 @@ class Constraint:
 
     def __init__(self, rules: OutputRules, vocab_size: int):
         tokenizer = lltokenizer(vocab_size)
-        grammar = llguidance.grammar_from("lark", rules.lark())
-        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        self._matcher = llguidance.LLMatcher(tokenizer, rules.grammar(), log_level=0)
         if error := self._matcher.get_error():
             raise GrammarError(f"the output format cannot be compiled: {error}")
         self._bitmask = llguidance.numpy.allocate_token_bitmask(1, tokenizer.vocab_size)  # [1, V / 32] int32

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyEncoding, HarmonyEncodingName,
                             Message, ReasoningEffort, Role, StreamableParser, SystemContent, TextContent,
-                            ToolDescription, load_harmony_encoding)
+                            ToolDescription, ToolNamespaceConfig, load_harmony_encoding)
 
 from gptoss.chat.tokenizer import (HARMONY_SPECIAL_TOKENS, NUM_TEXT_TOKENS, VOCAB_FILE, VOCAB_SHA256, TextDecoder,
                                    VocabError, get_tokenizer, prepare_harmony_vocab)
@@ -30,8 +30,11 @@ END_OF_MESSAGE = frozenset(HARMONY_SPECIAL_TOKENS[t] for t in ("<|end|>", "<|ret
 
 CHANNELS = ("analysis", "commentary", "final")
 REASONING_EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
-# Function calls are sent as JSON; the model writes this content type in the call's header.
+# Function calls are sent as JSON; the model writes this content type in the call's header. Calls of the
+# built-in tools (browser, python) carry "code" there instead, as harmony renders them.
 JSON_CONTENT_TYPE = "<|constrain|>json"
+BUILTIN_CONTENT_TYPE = "code"
+FUNCTIONS = "functions"  # the namespace of the developer's functions
 
 
 @functools.cache
@@ -51,12 +54,40 @@ def stop_tokens() -> list[int]:
 
 
 @dataclass(frozen=True)
+class TextInput:
+    """The input of a freeform tool: text rather than a JSON object, following a grammar if one is given
+    (`syntax` "lark" or "regex", as OpenAI's custom tools state it; None: any text)."""
+
+    syntax: str | None = None
+    definition: str | None = None
+
+
+@dataclass(frozen=True)
 class FunctionTool:
-    """A function the model may call, described to it in the developer message."""
+    """A function the model may call as `recipient`, e.g. "functions.get_weather".
+
+    The developer's tools are described in the developer message, in the namespace "functions" or one of
+    their own; the built-in tools (`builtin`: browser's functions and python) in the system message, and
+    the model calls those on the analysis channel with content type "code". A freeform tool (`text_input`)
+    takes text; every other tool a JSON object fitting `parameters`.
+    """
 
     name: str
-    description: str
+    description: str = ""
     parameters: dict | None = None  # JSON schema of the arguments object
+    namespace: str = FUNCTIONS
+    text_input: TextInput | None = None
+    builtin: bool = False
+
+    @property
+    def recipient(self) -> str:
+        """Where the model addresses a call: "NAMESPACE.NAME", or "NAMESPACE" for a tool that is a namespace
+        with no functions (python)."""
+        return f"{self.namespace}.{self.name}" if self.name else self.namespace
+
+    def describe(self) -> ToolDescription:
+        return ToolDescription.new(self.name, self.description,
+                                   {"type": "string"} if self.text_input is not None else self.parameters)
 
 
 @dataclass(frozen=True)
@@ -98,7 +129,8 @@ class Chat:
 
     def __init__(self, *, reasoning_effort: str = "medium", knowledge_cutoff: str = "2024-06",
                  current_date: str | None = None, developer_instructions: str | None = None,
-                 tools: Iterable[FunctionTool] = (), response_format: ResponseFormat | None = None):
+                 tools: Iterable[FunctionTool] = (), response_format: ResponseFormat | None = None,
+                 builtin_tools: Iterable[ToolNamespaceConfig] = (), namespace_descriptions: dict[str, str] | None = None):
         if reasoning_effort not in REASONING_EFFORTS:
             raise GptossError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}, "
                               f"got {reasoning_effort!r}")
@@ -106,8 +138,10 @@ class Chat:
         self.knowledge_cutoff = knowledge_cutoff
         self.current_date = current_date or datetime.date.today().isoformat()
         self.developer_instructions = developer_instructions
-        self.tools = list(tools)
+        self.tools = [t for t in tools if not t.builtin]  # the built-in ones come with `builtin_tools`
         self.response_format = response_format
+        self.builtin_tools = list(builtin_tools)  # browser and python, as openai-harmony describes them
+        self.namespace_descriptions = namespace_descriptions or {}
         self.turns: list[Message] = []
 
     def user(self, text: str) -> Chat:
@@ -119,18 +153,31 @@ class Chat:
         self.turns.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel))
         return self
 
-    def tool_call(self, name: str, arguments: str | dict) -> Chat:
-        """An earlier call of function `name`, written the way the model writes one."""
+    def tool_call(self, name: str, arguments: str | dict, namespace: str = FUNCTIONS, text_input: bool = False) -> Chat:
+        """An earlier call of the developer's function `namespace.name`, written the way the model writes one
+        (a freeform tool's input as plain text, anything else as JSON)."""
         args = arguments if isinstance(arguments, str) else json.dumps(arguments)
-        self.turns.append(Message.from_role_and_content(Role.ASSISTANT, args).with_channel("commentary")
-                          .with_recipient(f"functions.{name}").with_content_type(JSON_CONTENT_TYPE))
+        message = (Message.from_role_and_content(Role.ASSISTANT, args).with_channel("commentary")
+                   .with_recipient(f"{namespace}.{name}"))
+        self.turns.append(message if text_input else message.with_content_type(JSON_CONTENT_TYPE))
         return self
 
-    def tool_result(self, name: str, output: str) -> Chat:
-        """What function `name` returned, addressed back to the assistant."""
-        author = Author.new(Role.TOOL, f"functions.{name}")
+    def tool_result(self, name: str, output: str, namespace: str = FUNCTIONS) -> Chat:
+        """What function `namespace.name` returned, addressed back to the assistant."""
+        author = Author.new(Role.TOOL, f"{namespace}.{name}")
         self.turns.append(Message.from_author_and_content(author, output).with_channel("commentary")
                           .with_recipient("assistant"))
+        return self
+
+    def builtin_call(self, recipient: str, text: str) -> Chat:
+        """An earlier call of a built-in tool ("browser.search", "python"), on the analysis channel."""
+        self.turns.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("analysis")
+                          .with_recipient(recipient).with_content_type(BUILTIN_CONTENT_TYPE))
+        return self
+
+    def builtin_result(self, recipient: str, output: str) -> Chat:
+        """What a built-in tool answered; see `tool_result_message`."""
+        self.turns.append(tool_result_message(recipient, output))
         return self
 
     def add(self, messages: Iterable[ParsedMessage]) -> Chat:
@@ -139,9 +186,12 @@ class Chat:
         return self
 
     def to_conversation(self) -> Conversation:
-        """openai-harmony's Conversation: system message, developer message (if any), then the turns."""
+        """openai-harmony's Conversation: system message (with the built-in tools), developer message (if
+        any; the developer's tools grouped by namespace, "functions" first), then the turns."""
         system = (SystemContent.new().with_reasoning_effort(REASONING_EFFORTS[self.reasoning_effort])
                   .with_knowledge_cutoff(self.knowledge_cutoff).with_conversation_start_date(self.current_date))
+        for config in self.builtin_tools:
+            system = system.with_tools(config)
         messages = [Message.from_role_and_content(Role.SYSTEM, system)]
         instructions = "\n\n".join(filter(None, [self.developer_instructions,
                                                   self.response_format and self.response_format.render()]))
@@ -149,11 +199,30 @@ class Chat:
             developer = DeveloperContent.new()
             if instructions:
                 developer = developer.with_instructions(instructions)
-            if self.tools:
-                developer = developer.with_function_tools(
-                    [ToolDescription.new(t.name, t.description, t.parameters) for t in self.tools])
+            namespaces = dict.fromkeys([FUNCTIONS] + [t.namespace for t in self.tools])
+            for namespace in namespaces:
+                described = [t.describe() for t in self.tools if t.namespace == namespace]
+                if namespace == FUNCTIONS and described:
+                    developer = developer.with_function_tools(described)
+                elif described:
+                    developer = developer.with_tools(ToolNamespaceConfig(
+                        name=namespace, description=self.namespace_descriptions.get(namespace), tools=described))
             messages.append(Message.from_role_and_content(Role.DEVELOPER, developer))
         return Conversation.from_messages(messages + self.turns)
+
+
+def tool_result_message(recipient: str, output: str) -> Message:
+    """A built-in tool's answer to a call addressed to `recipient`, on the analysis channel as the call was."""
+    return (Message.from_author_and_content(Author.new(Role.TOOL, recipient), output).with_channel("analysis")
+            .with_recipient("assistant"))
+
+
+def render_tool_result(recipient: str, output: str) -> list[int]:
+    """The tokens that follow a completion ending in a call of a built-in tool: the tool's answer, then
+    `<|start|>assistant` for the model to go on. The next prompt is the last one, the completion as it was
+    generated (ending in <|call|>) and these tokens, so the KV cache reuses all that came before."""
+    encoding = get_encoding()
+    return encoding.render(tool_result_message(recipient, output)) + [START, *encoding.encode("assistant")]
 
 
 def render_for_completion(chat: Chat) -> list[int]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from gptoss.cli.options import DTYPES, add_model_options, parse_ints
-from gptoss.generation.benchmark import bytes_per_decoded_token, decode_seconds, prefill_seconds, read_all_weights
+from gptoss.generation.benchmark import (bytes_per_decoded_token, decode_seconds, pass_seconds, prefill_seconds,
+                                        read_all_weights)
 from gptoss.generation.cache import PREFILL_CHUNK
 from gptoss.kernels import cpu_kernels
 from gptoss.weights.checkpoint import load_model
@@ -24,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--gen", type=int, default=32, help="tokens to decode after the last prompt")
     p.add_argument("--chunk", type=int, default=PREFILL_CHUNK, help="prefill chunk size")
     p.add_argument("--reference", action="store_true", help="pure-PyTorch reference path instead of the kernels")
+    p.add_argument("--speculate", type=int, default=0, metavar="N",
+                   help="also time forward passes of 2 .. N + 1 tokens at the decode position: what verifying a "
+                        "speculative draft of 1 .. N tokens costs against a decode step")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -31,7 +35,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     result = run_benchmark(resolve_model(args.model), parse_ints(args.prompt_lens, "--prompt-lens"), args.gen,
                            threads=args.threads, chunk=args.chunk, kernels=not args.reference,
-                           dtype=DTYPES[args.dtype], int8_dense=args.int8)
+                           dtype=DTYPES[args.dtype], int8_dense=args.int8, speculate=args.speculate)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -43,13 +47,17 @@ def run(args) -> int:
     rows += [(f"decode tg{args.gen}", f"{result['decode_tok_s']:.2f} tok/s"),
              ("decode bandwidth", f"{result['decode_gb_s']:.1f} GB/s ({result['decode_gb_per_token']:.3f} GB/token)"),
              ("peak RSS", f"{result['peak_rss_gb']:.2f} GB")]
+    step = result["pass_s"].get("1")
+    rows += [(f"pass of {n} tokens", f"{v * 1e3:.0f} ms, {v / step:.2f} x a one-token pass")
+             for n, v in result["pass_s"].items() if n != "1"]
     for name, value in rows:
         print(f"  {name:<18} {value}")
     return 0
 
 
 def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = None, chunk: int = PREFILL_CHUNK,
-                  kernels: bool = True, dtype: torch.dtype | None = None, int8_dense: bool = False) -> dict:
+                  kernels: bool = True, dtype: torch.dtype | None = None, int8_dense: bool = False,
+                  speculate: int = 0) -> dict:
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -60,9 +68,10 @@ def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = 
     prefill_seconds(model, min(prompt_lens + [chunk]), chunk, seed=1)  # warm-up: faults the mapped weights in
     prefill = {}
     for length in prompt_lens:
-        seconds, (sequence, logits) = prefill_seconds(model, length, chunk, room=gen)
+        seconds, (sequence, logits) = prefill_seconds(model, length, chunk, room=gen + speculate + 1)
         prefill[str(length)] = length / seconds
     decode_s = decode_seconds(model, sequence, logits, gen)
+    passes = {str(n): pass_seconds(model, sequence, n) for n in range(1, speculate + 2)} if speculate else {}
     per_token = bytes_per_decoded_token(model)
     return {
         "model": str(path),
@@ -77,4 +86,5 @@ def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = 
         "decode_gb_per_token": per_token / 1e9,
         "decode_gb_s": per_token * gen / decode_s / 1e9,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "pass_s": passes,
     }

@@ -12,12 +12,18 @@ from __future__ import annotations
 import sys
 import time
 
-from gptoss.chat.harmony import Chat, MessageEnd, StreamParser, TextDelta, render_for_completion, stop_tokens
+from gptoss.chat.grammar import OutputRules
+from gptoss.chat.harmony import (Chat, MessageEnd, StreamParser, TextDelta, render_for_completion, render_tool_result,
+                                 stop_tokens)
+from gptoss.cli.options import (add_builtin_tool_options, add_kv_memory_option, add_model_options, add_sampling_options,
+                                browser_backend, kv_memory, load_from_args, python_limits, sampling_params,
+                                speculation)
 from gptoss.errors import GptossError
-from gptoss.cli.options import (add_kv_memory_option, add_model_options, add_sampling_options, kv_memory,
-                                load_from_args, sampling_params)
 from gptoss.generation.cache import KVCache
 from gptoss.generation.generate import stream
+from gptoss.tools.browser import Browser
+from gptoss.tools.builtin import BuiltinTools
+from gptoss.tools.python_sandbox import PythonSandbox
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -30,26 +36,44 @@ def register(subparsers) -> None:
     p.add_argument("--show-reasoning", action="store_true", help="print the model's reasoning, dimmed")
     p.add_argument("--system", help="developer instructions (harmony's developer message)")
     add_kv_memory_option(p)
+    add_builtin_tool_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    backend, limits = browser_backend(args), python_limits(args)
     model = load_from_args(args)
     params = sampling_params(args, model.generation_config)
     cache = KVCache.for_bytes(model.config, kv_memory(args, model, 1, model.config.max_context), dtype=model.dtype,
                               device=model.device)
-    new_chat = lambda: Chat(reasoning_effort=args.reasoning, developer_instructions=args.system)  # noqa: E731
+    tools = BuiltinTools(Browser(backend) if backend else None, PythonSandbox(limits) if limits else None)
+    rules = OutputRules(tools=tuple(tools.functions())) if tools.functions() else None
+
+    def new_chat() -> Chat:
+        return Chat(reasoning_effort=args.reasoning, developer_instructions=args.system, builtin_tools=tools.configs())
+
+    args.speculation = speculation(args)
     chat = new_chat()
-    stops = stop_tokens()
     print(f"{DIM}gptoss chat: /reset clears the conversation, /exit leaves{RESET}", flush=True)
+    try:
+        converse(model, chat, new_chat, tools, rules, cache, params, args)
+    finally:
+        if tools.python is not None:
+            tools.python.close()
+    return 0
+
+
+def converse(model, chat: Chat, new_chat, tools: BuiltinTools, rules: OutputRules | None, cache: KVCache, params,
+             args) -> None:
+    """The read-answer loop, until /exit or the end of input."""
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
             print()
-            return 0
+            return
         if line == "/exit":
-            return 0
+            return
         if line == "/reset":
             chat = new_chat()
             print(f"{DIM}[conversation cleared]{RESET}", flush=True)
@@ -57,20 +81,32 @@ def run(args) -> int:
         if not line:
             continue
         prompt = render_for_completion(chat.user(line))
+        turns = len(chat.turns) - 1
         reused = len(cache.cached_prefix(prompt)) * cache.page_size
-        parser, count, start = StreamParser(), 0, time.perf_counter()
+        count, start = 0, time.perf_counter()
         try:
-            for token in stream(model, prompt, args.max_tokens, params, stop_tokens=stops, cache=cache):
-                count += 1
-                for event in parser.feed(token):
+            while True:  # one completion, and one more after each call of a built-in tool
+                parser, generated = StreamParser(), []
+                for token in stream(model, prompt, args.max_tokens - count, params, stop_tokens=stop_tokens(),
+                                    cache=cache, rules=rules, speculation=args.speculation):
+                    generated.append(token)
+                    for event in parser.feed(token):
+                        show(event, args.show_reasoning)
+                for event in parser.end():
                     show(event, args.show_reasoning)
+                count += len(generated)
+                chat.add(parser.messages)
+                call = parser.messages[-1] if parser.messages else None
+                if call is None or not tools.handles(call.recipient) or count >= args.max_tokens:
+                    break
+                answer = tools.run(call.recipient, call.text)
+                sys.stdout.write(f"{DIM}{answer}{RESET}\n")
+                chat.builtin_result(call.recipient, answer)
+                prompt = prompt + generated + render_tool_result(call.recipient, answer)
         except GptossError as e:  # the conversation outgrew the context or the KV memory
-            chat.turns.pop()
+            del chat.turns[turns:]
             print(f"\n{DIM}[{e}; /reset starts over]{RESET}", flush=True)
             continue
-        for event in parser.end():
-            show(event, args.show_reasoning)
-        chat.add(parser.messages)
         print(f"\n{DIM}[prompt {len(prompt)} tokens ({reused} cached), {count} new, "
               f"{count / (time.perf_counter() - start):.1f} tok/s]"
               f"{RESET}", flush=True)

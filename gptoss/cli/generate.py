@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from gptoss.cli.options import add_model_options, add_sampling_options, load_from_args, sampling_params
+from gptoss.cli.options import add_model_options, add_sampling_options, load_from_args, sampling_params, speculation
 from gptoss.generation.generate import stream_text
 
 
@@ -25,11 +25,12 @@ def run_generate(args) -> int:
     prompt = get_tokenizer().encode(args.text, allowed_special="all")
     sys.stdout.write(args.text)
     start, count = time.perf_counter(), 0
-    stops = model.generation_config.eos_token_ids
-    for token, text in stream_text(model, prompt, args.max_tokens, params, stop_tokens=stops):
+    stops, drafts = model.generation_config.eos_token_ids, speculation(args)
+    for token, text in stream_text(model, prompt, args.max_tokens, params, stop_tokens=stops, speculation=drafts):
         count += token is not None
         sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print(f"[{count} tokens, {count / (time.perf_counter() - start):.1f} tok/s]", file=sys.stderr)
+    drafted = f", {drafts.tokens_per_pass:.2f} tokens a pass" if drafts else ""
+    print(f"[{count} tokens, {count / (time.perf_counter() - start):.1f} tok/s{drafted}]", file=sys.stderr)
     return 0

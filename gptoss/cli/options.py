@@ -35,6 +35,18 @@ def add_sampling_options(p, max_tokens: int) -> None:
     p.add_argument("--top-p", type=float, help="default: the checkpoint's generation_config.json, else none")
     p.add_argument("--min-p", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--speculate", type=int, default=0, metavar="N",
+                   help="draft up to N tokens a step by prompt lookup (text that repeats its context) and verify "
+                        "them in one pass: the same greedy output and sampling distribution (default 0: off)")
+
+
+def speculation(args):
+    """The --speculate setting as a `Speculation` (None: off), kept across calls so it adapts."""
+    from gptoss.generation.speculative import Speculation
+
+    if args.speculate < 0:
+        raise GptossError(f"--speculate takes a number of tokens >= 0, got {args.speculate}")
+    return Speculation(args.speculate) if args.speculate else None
 
 
 def sampling_params(args, defaults: GenerationConfig) -> SamplingParams:
@@ -93,3 +105,34 @@ def kv_memory(args, model, sequences: int, tokens: int) -> int:
     wanted = allocated_kv_bytes(model.config, tokens, sequences, dtype_bytes=model.dtype.itemsize)["total"]
     weights = sum(t.nbytes for t in model.state_dict().values())
     return min(wanted, max(256 * 2**20, (available_memory() - weights) // 2))
+
+
+def add_builtin_tool_options(p) -> None:
+    """gpt-oss's own tools, run by gptoss: the browser over a backend, the python sandbox."""
+    tools = p.add_argument_group("built-in tools")
+    tools.add_argument("--browser-backend", metavar="SPEC",
+                       help="offer the browser tool (the Responses API's web_search) over local:DIR (HTML, Markdown "
+                            "and text files; no network), exa ($EXA_API_KEY) or youcom ($YDC_API_KEY); default: none")
+    tools.add_argument("--python-tool", action="store_true",
+                       help="offer the python tool (the Responses API's code_interpreter), run in a sandbox without "
+                            "network (docs/server.md says what it protects); default: off")
+    tools.add_argument("--python-timeout", type=float, default=30.0,
+                       help="seconds one python call may run before its interpreter is killed (default 30)")
+
+
+def browser_backend(args):
+    """The backend --browser-backend names (None: none); a clear error for a bad one."""
+    from gptoss.tools.browser import backend_from_spec
+
+    return backend_from_spec(args.browser_backend) if args.browser_backend else None
+
+
+def python_limits(args):
+    """The sandbox limits of --python-tool (None: off); an error if this machine cannot sandbox."""
+    from gptoss.tools.python_sandbox import SandboxLimits, sandbox_unavailable
+
+    if not args.python_tool:
+        return None
+    if why := sandbox_unavailable():
+        raise GptossError(f"--python-tool: the python sandbox cannot run on this machine: {why}")
+    return SandboxLimits(timeout_s=args.python_timeout)

@@ -7,7 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-from gptoss.cli.options import add_kv_memory_option, add_model_options, kv_memory, load_from_args, parse_bytes
+from gptoss.cli.options import (add_builtin_tool_options, add_kv_memory_option, add_model_options, browser_backend,
+                                kv_memory, load_from_args, parse_bytes, python_limits)
 
 
 def register(subparsers) -> None:
@@ -40,6 +41,7 @@ def register(subparsers) -> None:
     limits.add_argument("--max-body", default="16MiB", help="largest request body (default 16MiB); larger: 413")
     limits.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="on SIGTERM or Ctrl-C, seconds running requests get to finish (default 30)")
+    add_builtin_tool_options(p)
     p.set_defaults(func=run)
 
 
@@ -47,8 +49,12 @@ def run(args) -> int:
     import uvicorn
 
     from gptoss.server import Engine, create_app
+    from gptoss.server.hosted import HostedTools
     from gptoss.server.store import ResponseStore, default_store_path
+    from gptoss.tools.python_sandbox import PythonSessions
 
+    limits = python_limits(args)
+    hosted = HostedTools(browser_backend(args), PythonSessions(limits) if limits else None)
     model = load_from_args(args)
     memory = kv_memory(args, model, args.max_batch, min(args.max_context or model.config.max_context,
                                                         model.config.max_context))
@@ -61,8 +67,10 @@ def run(args) -> int:
           f"{cache.page_size} tokens), prefix reuse {'off' if args.no_prefix_cache else 'on'}", file=sys.stderr)
     store = ResponseStore(args.store_path or default_store_path(), parse_bytes(args.store_size, "--store-size"))
     print(f"gptoss serve: stored responses in {store.path}", file=sys.stderr)
+    print(f"gptoss serve: web_search {'through the browser over ' + args.browser_backend if hosted.browser_backend else 'off'}"
+          f", code_interpreter {'through the python sandbox' if hosted.python else 'off'}", file=sys.stderr)
     app = create_app(engine, name, store, api_key=args.api_key, request_timeout=args.request_timeout,
-                     max_body_bytes=parse_bytes(args.max_body, "--max-body"))
+                     max_body_bytes=parse_bytes(args.max_body, "--max-body"), hosted=hosted)
     # uvicorn handles SIGTERM: it stops accepting, lets running requests finish for the grace period, then
     # closes the rest, and the app's shutdown stops the engine. Afterwards uvicorn raises the signal again for
     # the handler it found installed: this one, so that a drained shutdown exits 0 rather than "killed".

@@ -59,3 +59,17 @@ def decode_seconds(model: Transformer, sequence: Sequence, logits: torch.Tensor,
                        last_only=True)
         token = int(logits[0, -1].argmax())
     return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def pass_seconds(model: Transformer, sequence: Sequence, tokens: int, repeats: int = 3) -> float:
+    """Median seconds of one forward pass of `tokens` new tokens at the end of `sequence` (a speculative
+    verifying pass of a draft of `tokens` - 1), cut back out of the cache after each."""
+    ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(torch.tensor([ids], device=model.device), cache=sequence.cache.batch([sequence], [ids]))
+        times.append(time.perf_counter() - start)
+        sequence.truncate(sequence.length - tokens)
+    return sorted(times)[len(times) // 2]

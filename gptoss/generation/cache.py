@@ -222,6 +222,16 @@ class KVCache:
             else:
                 self.empty.append(page)
 
+    def _copy(self, page: int, slots: int) -> int:
+        """A new page holding the first `slots` positions of `page` (all layers of its group); `page` is given
+        back."""
+        copy = self._allocate()
+        for pool in (self.keys, self.values):
+            pool[:, copy, :slots] = pool[:, page, :slots]
+        self.positions[copy, :slots] = self.positions[page, :slots]
+        self._release(page)
+        return copy
+
     def _register(self, group: int, key: bytes, page: int) -> None:
         if self.prefix_reuse and (group, key) not in self.registry and page not in self.key_of_page:
             self.registry[group, key] = page
@@ -291,6 +301,25 @@ class Sequence:
             for g, table in enumerate(self.tables):
                 if table[j] != NO_PAGE:  # always so: a block just completed lies in every group's window
                     c._register(g, self.hashes[j], table[j])
+
+    def truncate(self, length: int) -> None:
+        """Forgets the tokens from `length` on (a speculative draft that was not accepted). Blocks wholly past
+        `length` are given back (registered ones stay cached: they hold what those tokens computed). The
+        block `length` ends inside is written again by the next pass, so if it is registered or shared it is
+        first copied to a page of this sequence's own: a registered page is never written again."""
+        c, B = self.cache, self.cache.page_size
+        if not 0 < length <= self.length:
+            raise ValueError(f"cannot truncate a sequence of {self.length} tokens to {length}")
+        self.tokens, self.hashes = self.tokens[:length], self.hashes[:length // B]
+        kept, inside = -(-length // B), length // B   # blocks holding kept positions; the one `length` ends in
+        for table in self.tables:
+            for page in table[kept:]:
+                if page != NO_PAGE:
+                    c._release(page)
+            del table[kept:]
+            if length % B and inside < len(table) and table[inside] != NO_PAGE and (
+                    table[inside] in c.key_of_page or c.holders[table[inside]] > 1):
+                table[inside] = c._copy(table[inside], length % B)
 
     def release(self) -> None:
         """Gives back every page. Registered pages stay in the pool for later prefixes, queued for eviction

@@ -11,6 +11,7 @@ from gptoss.chat.grammar import Constraint, OutputRules
 from gptoss.chat.tokenizer import TextDecoder
 from gptoss.generation.cache import PREFILL_CHUNK, ContextError, KVCache, pages_per_sequence
 from gptoss.generation.sampling import SamplingParams, adjust, sample
+from gptoss.generation.speculative import Speculation, accept
 from gptoss.generation.stopping import StopRule
 from gptoss.model.transformer import Transformer
 
@@ -57,15 +58,8 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
     chunk = min(chunk, cache.chunk)
     sequences = [cache.sequence() for _ in prompts]
     try:
-        last = []
-        for sequence, prompt in zip(sequences, prompts):
-            prompt = list(prompt)
-            for start in range(sequence.reuse_prefix(prompt), len(prompt), chunk):
-                piece = prompt[start:start + chunk]
-                logits = model(torch.tensor([piece], device=device), cache=cache.batch([sequence], [piece]),
-                               last_only=True)
-            last.append(logits[:, -1])
-        logits = torch.cat(last)
+        logits = torch.cat([_prefill(model, cache, sequence, list(prompt), chunk)
+                            for sequence, prompt in zip(sequences, prompts)])
         generator = params.generator(device)
         stopped = [False] * len(prompts)
         generated: list[list[int]] = [[] for _ in prompts]
@@ -94,22 +88,85 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
             sequence.release()
 
 
+def _prefill(model: Transformer, cache: KVCache, sequence, prompt: list[int], chunk: int) -> torch.Tensor:
+    """Computes what `sequence` does not hold of `prompt` (its cached prefix is reused), a chunk a pass;
+    returns the logits [1, V] after the prompt's last token."""
+    for start in range(sequence.reuse_prefix(prompt), len(prompt), chunk):
+        piece = prompt[start:start + chunk]
+        logits = model(torch.tensor([piece], device=model.device), cache=cache.batch([sequence], [piece]),
+                       last_only=True)
+    return logits[:, -1]
+
+
 def stream(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
            params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (), chunk: int = PREFILL_CHUNK,
-           cache: KVCache | None = None, rules: OutputRules | None = None) -> Iterator[int]:
-    """Yields the new tokens of one prompt as they come, the stop token included."""
+           cache: KVCache | None = None, rules: OutputRules | None = None,
+           speculation: Speculation | None = None) -> Iterator[int]:
+    """Yields the new tokens of one prompt as they come, the stop token included. `speculation`: draft
+    up to its `max_draft` tokens a step by prompt lookup and verify them in one pass (`gptoss.generation.
+    speculative`; the same greedy tokens, the same sampling distribution; not with `rules` or logit
+    adjustments, which then decode plainly); it records what the drafts did."""
+    if speculation is not None and rules is None and not params.adjusts_logits:
+        yield from _stream_speculative(model, [int(t) for t in prompt_ids], max_new_tokens, params, stop_tokens,
+                                       chunk, cache, speculation)
+        return
     for (token,) in stream_batch(model, [prompt_ids], max_new_tokens, params, stop_tokens, chunk, cache, rules):
         yield token
 
 
+@torch.inference_mode()
+def _stream_speculative(model: Transformer, prompt: list[int], max_new_tokens: int, params: SamplingParams,
+                        stop_tokens: Sequence[int], chunk: int, cache: KVCache | None,
+                        speculation: Speculation) -> Iterator[int]:
+    """`stream` with prompt-lookup drafts: each pass feeds the newest token and a draft, keeps what
+    `accept` keeps, and truncates the cache back to the kept tokens."""
+    if not prompt:
+        raise ContextError("every prompt needs at least one token")
+    if len(prompt) + max_new_tokens > model.config.max_context:
+        raise ContextError(f"prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens exceeds "
+                           f"the model's context of {model.config.max_context}")
+    rule = StopRule(max_new_tokens, stop_tokens)
+    # A pass may write a whole draft past the budget's last token before the cache is cut back.
+    room = len(prompt) + max_new_tokens + speculation.max_draft
+    if cache is None:
+        cache = KVCache.for_tokens(model.config, room, chunk=chunk, dtype=model.dtype, device=model.device)
+    elif pages_per_sequence(model.config, room, cache.page_size, cache.chunk) > cache.num_pages:
+        raise ContextError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens and a draft of "
+                           f"{speculation.max_draft} do not fit the KV cache ({cache.num_pages} pages of "
+                           f"{cache.page_size} tokens)")
+    sequence = cache.sequence()
+    try:
+        generator = params.generator(model.device)
+        new = [int(sample(_prefill(model, cache, sequence, prompt, min(chunk, cache.chunk)), params, generator))]
+        drafter, count = speculation.drafter(prompt), 0
+        while True:
+            for token in new:
+                count += 1
+                yield token
+                if rule.finish_reason(token, count) is not None:
+                    return
+            drafter.extend(new)
+            draft = drafter.draft(min(speculation.length, max_new_tokens - count - 1,
+                                      model.config.max_context - len(drafter.tokens) - 1))
+            fed = [new[-1], *draft]
+            logits = model(torch.tensor([fed], device=model.device), cache=cache.batch([sequence], [fed]))[0]
+            new = accept(logits, draft, params, generator)
+            speculation.record(len(draft), len(new) - 1)
+            if len(new) - 1 < len(draft):  # the rejected draft tokens' keys and values go
+                sequence.truncate(sequence.length - (len(draft) - (len(new) - 1)))
+    finally:
+        sequence.release()
+
+
 def stream_text(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
                 params: SamplingParams = SamplingParams(), stop_tokens: Sequence[int] = (),
-                chunk: int = PREFILL_CHUNK, cache: KVCache | None = None) -> Iterator[tuple[int | None, str]]:
+                chunk: int = PREFILL_CHUNK, cache: KVCache | None = None,
+                speculation: Speculation | None = None) -> Iterator[tuple[int | None, str]]:
     """Yields (token, text) as tokens come: the text each token completes, decoded incrementally so a
     character split across tokens appears whole, with the token that finishes it. Special tokens carry
     no text. A character left incomplete when generation stops comes last, as (None, U+FFFD)."""
     decoder = TextDecoder()
-    for token in stream(model, prompt_ids, max_new_tokens, params, stop_tokens, chunk, cache):
+    for token in stream(model, prompt_ids, max_new_tokens, params, stop_tokens, chunk, cache, speculation=speculation):
         yield token, decoder.feed(token)
     if tail := decoder.flush():
         yield None, tail
@@ -118,15 +175,18 @@ def stream_text(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: i
 def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              seed: int | None = None, stop_tokens: Sequence[int] | None = None, chunk: int = PREFILL_CHUNK,
-             cache: KVCache | None = None, rules: OutputRules | None = None):
+             cache: KVCache | None = None, rules: OutputRules | None = None, speculate: int = 0):
     """New token ids for one prompt (a list of ints) or for each of a batch of prompts (a list of lists).
 
     Stops at max_new_tokens or after a stop token (which is included); stop tokens default to the
     model's (its generation_config.json's, else config.json's). `cache`: a KVCache kept between calls;
-    `rules`: what a harmony completion must look like (see `stream_batch`).
+    `rules`: what a harmony completion must look like (see `stream_batch`); `speculate`: for one prompt,
+    draft up to that many tokens a step (see `stream`).
     """
     params = SamplingParams(temperature, top_k, top_p, min_p, seed)
     stop = model.generation_config.eos_token_ids if stop_tokens is None else stop_tokens
+    if speculate and _is_single(prompt_ids):
+        return list(stream(model, prompt_ids, max_new_tokens, params, stop, chunk, cache, rules, Speculation(speculate)))
     prompts = _as_batch(prompt_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in stream_batch(model, prompts, max_new_tokens, params, stop, chunk, cache, rules):

@@ -78,7 +78,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits [B, V] -> token ids [B]."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    return torch.multinomial(distribution(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [B, V] -> the probabilities [B, V] that sampling draws from (temperature > 0): after
+    temperature, top-k, min-p and top-p."""
+    # In float64, shifted so that the top logit is 0: a temperature near 0 (down to float64's smallest)
+    # then tends to greedy rather than dividing by a temperature that float32 rounds to 0 (NaN).
+    logits = logits.double()
+    logits = ((logits - logits.max(dim=-1, keepdim=True).values) / params.temperature).float()
     if params.top_k is not None:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -87,7 +96,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         probs = probs.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, 0)
     if params.top_p is not None:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep a token if the mass before it is still short of top_p (so the top token always stays).
+        # Keep a token if the mass before it is still short of top_p, and the top token always (a top_p
+        # so small that it rounds to 0 in the logits' dtype would drop it too).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p * sorted_probs.sum(-1, keepdim=True)
+        drop[..., 0] = False
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs

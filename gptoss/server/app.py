@@ -27,13 +27,14 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
 from gptoss.chat.grammar import Constraint, OutputRules, lltokenizer
-from gptoss.chat.harmony import get_encoding, render_for_completion, stop_tokens
+from gptoss.chat.harmony import get_encoding, render_for_completion, render_tool_result, stop_tokens
 from gptoss.chat.tokenizer import TextDecoder, get_tokenizer
 from gptoss.errors import GptossError
 from gptoss.generation.sampling import SamplingParams
 from gptoss.model.generation_config import GenerationConfig
 from gptoss.server.engine import Engine, EngineError, Generation, QueueFull
 from gptoss.server.errors import ERROR_RESPONSES, APIError, validation_error
+from gptoss.server.hosted import HostedTools
 from gptoss.server.metrics import MetricsCollector
 from gptoss.server.outputs import ChatOutput, CompletionOutput, Output, ResponsesOutput, new_id, token_entry
 from gptoss.server.prompts import chat_from_messages, chat_from_responses_input, input_items, token_budget
@@ -87,14 +88,14 @@ async def watch_disconnect(http: Request, choices: list[Choice]) -> None:
         choice.generation.cancel()
 
 
-async def collect(http: Request, engine: Engine, choices: list[Choice]) -> list[list]:
-    """Every choice's pieces, for a non-streaming answer; the generations stop if the client leaves."""
+async def collect(http: Request, choices: list[Choice], pieces: AsyncIterator[tuple[int, Any]]) -> list[list]:
+    """Every choice's `pieces`, for a non-streaming answer; the generations stop if the client leaves."""
     watcher = asyncio.create_task(watch_disconnect(http, choices))
     try:
-        pieces: list[list] = [[] for _ in choices]
-        async for i, piece in pieces_of(engine, choices):
-            pieces[i].append(piece)
-        return pieces
+        collected: list[list] = [[] for _ in choices]
+        async for i, piece in pieces:
+            collected[i].append(piece)
+        return collected
     finally:
         watcher.cancel()
 
@@ -184,6 +185,7 @@ class Served:
     store: ResponseStore
     api_key: str | None = None          # required as "Authorization: Bearer KEY" on every endpoint but /health
     request_timeout: float | None = None  # seconds a generation may run; then it ends as if out of budget
+    hosted: HostedTools = field(default_factory=HostedTools)  # the built-in tools the server runs
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check_model(self, name: str) -> None:
@@ -266,7 +268,7 @@ async def chat_completions(body: ChatCompletionRequest, s: ServedDep, http: Requ
                           "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = body.sampling(s.generation_config, s.vocab_size)
-    choices = [Choice(s.generation(prompt, budget, params, stop_tokens(), rules, top), ChatOutput(stops))
+    choices = [Choice(s.generation(prompt, budget, params, stop_tokens(), rules, top), ChatOutput(stops, rules.tools))
                for _ in range(body.n)]
     head = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": s.model_name,
             "service_tier": "default", "system_fingerprint": None}
@@ -275,7 +277,7 @@ async def chat_completions(body: ChatCompletionRequest, s: ServedDep, http: Requ
         return choices[i].output.finish_reason(choices[i].generation.finish_reason)
 
     if not body.stream:
-        deltas = await collect(http, s.engine, choices)
+        deltas = await collect(http, choices, pieces_of(s.engine, choices))
         return {**head, "usage": usage(len(prompt), choices),
                 "choices": [{"index": i, "message": ChatOutput.message(d),
                              "logprobs": ChatOutput.logprobs(d) if top is not None else None,
@@ -371,7 +373,7 @@ async def completions(body: CompletionRequest, s: ServedDep, http: Request):
         return choices[i].output.finish_reason(choices[i].generation.finish_reason)
 
     if not body.stream:
-        collected = await collect(http, s.engine, choices)
+        collected = await collect(http, choices, pieces_of(s.engine, choices))
         texts: list[list[dict]] = [[] for _ in choices]
         async for i, piece in pieces(replay(collected)):
             texts[i].append(piece)
@@ -413,46 +415,87 @@ async def responses(body: ResponsesRequest, s: ServedDep, http: Request):
             raise APIError(404, f"Previous response with id '{body.previous_response_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
         earlier = INPUT_ITEMS.validate_python(stored)
-    chat, rules = chat_from_responses_input(body, earlier)
+    rid, created_at = new_id("resp_"), int(time.time())
+    builtin, warnings = s.hosted.for_request(body, s.hosted.conversation(body, rid))
+    chat, rules = chat_from_responses_input(body, earlier, builtin)
     prompt = render_for_completion(chat)
     budget = token_budget(len(prompt), body.max_output_tokens, s.engine.context, "input", "max_output_tokens")
     top = (body.top_logprobs or 0) if body.wants_logprobs else None
-    generation = s.generation(prompt, budget, body.sampling(s.generation_config), stop_tokens(), rules, top)
-    choice = Choice(generation, ResponsesOutput())
-    output: ResponsesOutput = choice.output
-    rid, created_at = new_id("resp_"), int(time.time())
+    params = body.sampling(s.generation_config)
+    include = set(body.include or [])
+    output = ResponsesOutput(rules.tools, summary=body.summary is not None,
+                             encrypted="reasoning.encrypted_content" in include,
+                             code_outputs="code_interpreter_call.outputs" in include,
+                             cite=builtin.browser.normalize_citations if builtin.browser else None)
+    choice = Choice(s.generation(prompt, budget, params, stop_tokens(), rules, top), output)
+    generations = [choice.generation]  # one per completion: a built-in tool's answer starts the next
+
+    async def rounds() -> AsyncIterator[tuple[int, dict]]:
+        """The output's pieces over the response's completions: when one ends in a call of a built-in tool,
+        the server runs it and the model goes on from its answer, until it answers, calls a developer's
+        tool, or runs out of budget or context."""
+        calls = 0
+        while True:
+            async for piece in pieces_of(s.engine, [choice]):
+                yield piece
+            call, generation = output.pending_call, choice.generation
+            if call is None or generation.finish_reason == "cancelled":  # (its client left)
+                return
+            calls += 1
+            if body.max_tool_calls is not None and calls > body.max_tool_calls:
+                answer = f"Error: this response may call tools at most {body.max_tool_calls} times; answer now."
+            else:  # in a thread: python runs for seconds, a web backend waits on the network
+                answer = await asyncio.to_thread(builtin.run, call["recipient"], call["text"])
+            action = builtin.browser.last_action if call["recipient"].startswith("browser.") else None
+            if action and "web_search_call.action.sources" not in include:
+                action = {k: v for k, v in action.items() if k != "sources"}
+            for piece in output.complete_call(answer, action):
+                yield 0, piece
+            prompt_next = generation.prompt + generation.generated + render_tool_result(call["recipient"], answer)
+            room = min(budget - output.completion_tokens, s.engine.context - len(prompt_next))
+            if room < 1:
+                generation.finish_reason = "length"
+                return
+            choice.generation = s.generation(prompt_next, room, params, stop_tokens(), rules, top)
+            generations.append(choice.generation)
+            output.next_round()
 
     def response(status: str) -> dict:
         done = status != "in_progress"
         text_format = (body.text.format.model_dump(by_alias=True, exclude_none=True)
                        if body.text is not None and body.text.format is not None else {"type": "text"})
-        return {"id": rid, "object": "response", "created_at": created_at, "status": status, "model": s.model_name,
-                "output": output.items if done else [], "error": None,
-                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-                "temperature": body.temperature, "top_p": body.top_p, "top_logprobs": body.top_logprobs,
-                "parallel_tool_calls": body.parallel_tool_calls is not False, "max_tool_calls": body.max_tool_calls,
-                "tool_choice": tool_choice(body), "tools": [t.model_dump() for t in body.tools or []],
-                "reasoning": {"effort": body.reasoning.effort if body.reasoning else "medium", "summary": None},
-                "text": {"format": text_format, "verbosity": "medium"}, "metadata": body.metadata or {},
-                "previous_response_id": body.previous_response_id, "store": body.store, "truncation": "disabled",
-                "service_tier": "default", "user": body.user,
-                "usage": {"input_tokens": len(prompt), "output_tokens": output.completion_tokens,
-                          "total_tokens": len(prompt) + output.completion_tokens,
-                          "input_tokens_details": {"cached_tokens": choice.generation.cached_tokens},
-                          "output_tokens_details": {"reasoning_tokens": output.reasoning_tokens}} if done else None}
+        input_tokens = sum(len(g.prompt) for g in generations)
+        result = {"id": rid, "object": "response", "created_at": created_at, "status": status, "model": s.model_name,
+                  "output": output.items if done else [], "error": None,
+                  "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                  "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+                  "temperature": body.temperature, "top_p": body.top_p, "top_logprobs": body.top_logprobs,
+                  "parallel_tool_calls": body.parallel_tool_calls is not False, "max_tool_calls": body.max_tool_calls,
+                  "tool_choice": tool_choice(body), "tools": [t.model_dump() for t in body.tools or []],
+                  "reasoning": {"effort": body.reasoning.effort if body.reasoning else "medium",
+                                "summary": body.summary},
+                  "text": {"format": text_format, "verbosity": "medium"}, "metadata": body.metadata or {},
+                  "previous_response_id": body.previous_response_id, "store": body.store, "truncation": "disabled",
+                  "service_tier": "default", "user": body.user, "prompt_cache_key": body.prompt_cache_key,
+                  "usage": {"input_tokens": input_tokens, "output_tokens": output.completion_tokens,
+                            "total_tokens": input_tokens + output.completion_tokens,
+                            "input_tokens_details": {"cached_tokens": sum(g.cached_tokens for g in generations)},
+                            "output_tokens_details": {"reasoning_tokens": output.reasoning_tokens}} if done else None}
+        if warnings:  # not in OpenAI's schema; clients ignore fields they do not know
+            result["warnings"] = warnings
+        return result
 
     def finished() -> dict:
         status = "incomplete" if choice.generation.finish_reason == "length" else "completed"
         result = response(status)
         if body.store:
             items = [*earlier, *input_items(body)]
-            conversation = [item.model_dump(mode="json") for item in items] + output.items
+            conversation = [item.model_dump(mode="json") for item in items] + output.items_to_store()
             s.store.put(result, conversation)
         return result
 
     if not body.stream:
-        await collect(http, s.engine, [choice])
+        await collect(http, [choice], rounds())
         return finished()
 
     async def events():
@@ -466,7 +509,7 @@ async def responses(body: ResponsesRequest, s: ServedDep, http: Request):
         yield event({"type": "response.created", "response": response("in_progress")})
         yield event({"type": "response.in_progress", "response": response("in_progress")})
         try:
-            async for _, data in pieces_of(s.engine, [choice]):
+            async for _, data in rounds():
                 yield event(data)
         except EngineError as e:
             yield event({"type": "error", "code": "server_error", "message": str(e), "param": None})
@@ -569,10 +612,12 @@ async def stored_item_invalid(http: Request, e: ValidationError) -> JSONResponse
 
 
 def create_app(engine: Engine, model_name: str, store: ResponseStore | None = None, api_key: str | None = None,
-               request_timeout: float | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               request_timeout: float | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               hosted: HostedTools | None = None) -> FastAPI:
     """The FastAPI app serving `engine`'s model as `model_name`, keeping responses in `store` (default:
-    in memory, gone with the process); `api_key`, `request_timeout` and `max_body_bytes` as in `Served`
-    and `BodyLimit`. It starts the engine and closes it on shutdown."""
+    in memory, gone with the process); `api_key`, `request_timeout`, `hosted` (the built-in tools it
+    runs; default none) and `max_body_bytes` as in `Served` and `BodyLimit`. It starts the engine and
+    closes it, and the hosted tools' sandboxes, on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -580,10 +625,12 @@ def create_app(engine: Engine, model_name: str, store: ResponseStore | None = No
         engine.start()
         yield
         engine.close()
+        app.state.served.hosted.close()
 
     app = FastAPI(title="gptoss", lifespan=lifespan)
     app.state.engine = engine  # for code that embeds the app
-    app.state.served = Served(engine, model_name, store or ResponseStore(":memory:"), api_key, request_timeout)
+    app.state.served = Served(engine, model_name, store or ResponseStore(":memory:"), api_key, request_timeout,
+                              hosted or HostedTools())
     for error, handler in ((APIError, api_error), (RequestValidationError, invalid_body), (GptossError, bad_value),
                            (EngineError, engine_failed), (HTTPException, http_error), (ValidationError, stored_item_invalid)):
         app.add_exception_handler(error, handler)

@@ -3,7 +3,9 @@
 Streaming sends what an output returns as server-sent events; non-streaming sums the same pieces up,
 so the two always agree. Harmony messages map onto the API as vLLM maps them: the analysis channel is
 the reasoning (`reasoning_content` in chat, reasoning items in responses), a message with a recipient
-(`functions.NAME`, on the commentary channel) is a tool call, and everything else is the answer's text.
+(`functions.NAME`, `NAMESPACE.NAME`) is a tool call, and everything else is the answer's text. A call
+of a freeform tool is a custom tool call; in responses, a call of a built-in tool the server runs is a
+web_search_call (browser) or code_interpreter_call (python) item, completed once the server has run it.
 
 Log-probabilities, when asked for, come with the text they belong to: in chat and responses those of
 the answer's tokens (not the reasoning's, nor the message headers'), in completions those of every token.
@@ -11,11 +13,15 @@ the answer's tokens (not the reasoning's, nor the message headers'), in completi
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Callable, Mapping
 
-from gptoss.chat.harmony import MessageEnd, MessageStart, StreamParser, TextDelta
+from gptoss.chat.harmony import FUNCTIONS, FunctionTool, MessageEnd, MessageStart, StreamParser, TextDelta
 from gptoss.chat.tokenizer import NUM_TEXT_TOKENS, TextDecoder, get_tokenizer
 from gptoss.server.engine import TokenLogprobs
+from gptoss.server.prompts import encrypt_reasoning
+from gptoss.tools.builtin import BROWSER
 
 
 def token_entry(token: int, logprob: float) -> dict:
@@ -52,15 +58,25 @@ class StopStrings:
         return held
 
 
-def kind_of(channel: str | None, recipient: str | None) -> str:
-    """Where a harmony message goes in the API: a tool call, the reasoning, or the answer's text."""
+def kind_of(channel: str | None, recipient: str | None, tools: Mapping[str, FunctionTool] = {}) -> str:
+    """Where a harmony message goes in the API: "function_call", "custom_tool_call" (a freeform tool),
+    "web_search_call" or "code_interpreter_call" (a built-in tool among `tools`, by recipient, which the
+    server runs), "reasoning", or "text" (the answer). A recipient that is not among `tools` (the model
+    may address anything when no tool constrains it) is a function call by that name."""
     if recipient:
-        return "tool_call"
+        tool = tools.get(recipient)
+        if tool is not None and tool.builtin:
+            return "web_search_call" if tool.namespace == BROWSER else "code_interpreter_call"
+        return "custom_tool_call" if tool is not None and tool.text_input is not None else "function_call"
     return "reasoning" if channel == "analysis" else "text"
 
 
-def function_name(recipient: str) -> str:
-    return recipient.removeprefix("functions.")
+def split_recipient(recipient: str) -> tuple[str, str | None]:
+    """"functions.get_weather" -> ("get_weather", None); "crm.lookup" -> ("lookup", "crm")."""
+    namespace, _, name = recipient.partition(".")
+    if not name:
+        return recipient, None
+    return name, None if namespace == FUNCTIONS else namespace
 
 
 def new_id(prefix: str) -> str:
@@ -95,9 +111,11 @@ class Output:
 class ChatOutput(Output):
     """Harmony events -> chat.completion.chunk deltas: content, reasoning_content, tool_calls."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], tools: list[FunctionTool] | tuple[FunctionTool, ...] = ()):
         super().__init__()
         self.parser, self.stop, self.tool_calls = StreamParser(), StopStrings(stops), 0
+        self.tools = {t.recipient: t for t in tools}
+        self.call_field = "function"  # of the call in progress: "function" (arguments) or "custom" (input)
         self.answer = AnswerLogprobs()
 
     def _feed(self, token: int, logprobs: TokenLogprobs | None) -> list[dict]:
@@ -116,9 +134,11 @@ class ChatOutput(Output):
         deltas = []
         for event in events:
             if isinstance(event, MessageStart) and event.recipient:
-                deltas.append({"tool_calls": [{"index": self.tool_calls, "id": new_id("call_"), "type": "function",
-                                               "function": {"name": function_name(event.recipient),
-                                                            "arguments": ""}}]})
+                custom = kind_of(event.channel, event.recipient, self.tools) == "custom_tool_call"
+                self.call_field, text_field = ("custom", "input") if custom else ("function", "arguments")
+                name, _ = split_recipient(event.recipient)
+                deltas.append({"tool_calls": [{"index": self.tool_calls, "id": new_id("call_"), "type": self.call_field,
+                                               self.call_field: {"name": name, text_field: ""}}]})
                 self.tool_calls += 1
             elif isinstance(event, MessageStart):
                 self.answer.in_answer = kind_of(event.channel, event.recipient) == "text"
@@ -127,9 +147,10 @@ class ChatOutput(Output):
                 self.answer.in_answer = self.in_reasoning = False
             if isinstance(event, TextDelta) and not self.stopped:
                 kind = kind_of(event.channel, event.recipient)
-                if kind == "tool_call":
+                if kind == "function_call":
+                    text_field = "input" if self.call_field == "custom" else "arguments"
                     deltas.append({"tool_calls": [{"index": self.tool_calls - 1,
-                                                   "function": {"arguments": event.text}}]})
+                                                   self.call_field: {text_field: event.text}}]})
                 elif kind == "reasoning":
                     deltas.append({"reasoning_content": event.text})
                 elif text := self.stop.feed(event.text):
@@ -151,9 +172,11 @@ class ChatOutput(Output):
             reasoning.append(delta.get("reasoning_content", ""))
             for call in delta.get("tool_calls", []):
                 if "id" in call:
-                    calls.append({**call, "function": dict(call["function"])})
+                    calls.append({**call, call["type"]: dict(call[call["type"]])})
                 else:
-                    calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
+                    whole = calls[call["index"]]
+                    for key, text in call[whole["type"]].items():
+                        whole[whole["type"]][key] += text
         for call in calls:
             del call["index"]
         return {"role": "assistant", "content": "".join(content) or (None if calls else ""),
@@ -221,14 +244,32 @@ class CompletionOutput(Output):
 
 
 class ResponsesOutput(Output):
-    """Harmony messages -> Responses API output items (reasoning, message, function_call), and the
-    streaming events that build them: output_item.added, the deltas, the done events."""
+    """Harmony messages -> Responses API output items (reasoning, message, function_call, custom_tool_call,
+    web_search_call, code_interpreter_call), and the streaming events that build them: output_item.added,
+    the deltas, the done events.
 
-    def __init__(self):
+    tools: what the request offers, by recipient. summary: reasoning items also carry their text as their
+    summary (gpt-oss writes no separate one). encrypted: they carry it as `encrypted_content` too.
+    code_outputs: code_interpreter_call items carry what the code printed. cite: turns the answer's
+    citations of browser pages into text and url_citation annotations (`Browser.normalize_citations`).
+
+    A call of a built-in tool stays open when its message ends (`pending_call`): the server runs it, then
+    `complete_call` closes the item and `next_round` readies the output for the completion that follows.
+    """
+
+    def __init__(self, tools: list[FunctionTool] | tuple[FunctionTool, ...] = (), summary: bool = False,
+                 encrypted: bool = False, code_outputs: bool = False,
+                 cite: Callable[[str], tuple[str, list[dict]]] | None = None, container_id: str | None = None):
         super().__init__()
+        self.tools = {t.recipient: t for t in tools}
+        self.summary, self.encrypted, self.code_outputs = summary, encrypted, code_outputs
+        self.citations = Citations(cite) if cite else None
+        self.container_id = container_id or new_id("cntr_")
         self.parser = StreamParser()
         self.items: list[dict] = []
         self.answer = AnswerLogprobs()
+        self.pending_call: dict | None = None  # {"recipient", "text", "index"}: a built-in call to run
+        self.code_logs: dict[str, str] = {}    # python's answers by item id, stored even when not returned
 
     def _feed(self, token: int, logprobs: TokenLogprobs | None) -> list[dict]:
         return self._events(self.parser.feed(token), token, logprobs)
@@ -236,21 +277,27 @@ class ResponsesOutput(Output):
     def end(self) -> list[dict]:
         return self._events(self.parser.end(), None, None)
 
+    def next_round(self) -> None:
+        """The server answered a built-in call: what follows is a new completion, after <|start|>assistant."""
+        self.parser, self.pending_call = StreamParser(), None
+
     def _events(self, harmony_events, token: int | None, logprobs: TokenLogprobs | None) -> list[dict]:
         out, text_deltas = [], []
         for event in harmony_events:
             if isinstance(event, MessageStart):
-                out += self._open(kind_of(event.channel, event.recipient), event.recipient)
+                out += self._open(kind_of(event.channel, event.recipient, self.tools), event.recipient)
                 self.answer.in_answer = self.items[-1]["type"] == "message"
                 self.in_reasoning = self.items[-1]["type"] == "reasoning"
             elif isinstance(event, TextDelta):
-                out.append(self._delta(event.text))
-                if out[-1]["type"] == "response.output_text.delta":
+                out += self._delta(event.text)
+                if out and out[-1]["type"] == "response.output_text.delta":
                     text_deltas.append(out[-1])
             elif isinstance(event, MessageEnd):
+                if self.citations is not None and self.items[-1]["type"] == "message":
+                    out += self._text_delta(self.citations.flush(), cite=False)
                 self._attach(token, logprobs, text_deltas)  # before the part closes
                 token, text_deltas = None, []
-                out += self._close()
+                out += self._close(event.message.recipient)
                 self.answer.in_answer = self.in_reasoning = False
         self._attach(token, logprobs, text_deltas)
         return out
@@ -266,48 +313,194 @@ class ResponsesOutput(Output):
         return {"item_id": item["id"], "output_index": len(self.items) - 1}
 
     def _open(self, kind: str, recipient: str | None) -> list[dict]:
-        if kind == "tool_call":
-            item = {"type": "function_call", "id": new_id("fc_"), "call_id": new_id("call_"),
-                    "name": function_name(recipient), "arguments": "", "status": "in_progress"}
+        if kind in ("function_call", "custom_tool_call"):
+            name, namespace = split_recipient(recipient)
+            field = "arguments" if kind == "function_call" else "input"
+            item = {"type": kind, "id": new_id("fc_" if kind == "function_call" else "ctc_"),
+                    "call_id": new_id("call_"), "name": name, field: "", "status": "in_progress"}
+            if namespace:
+                item["namespace"] = namespace
+        elif kind == "web_search_call":  # shown once its arguments are complete (`_close`)
+            item = {"type": kind, "id": new_id("ws_"), "status": "in_progress", "arguments": ""}
+        elif kind == "code_interpreter_call":
+            item = {"type": kind, "id": new_id("ci_"), "status": "in_progress", "code": "",
+                    "container_id": self.container_id, "outputs": None}
         elif kind == "reasoning":
             item = {"type": "reasoning", "id": new_id("rs_"), "summary": [], "content": [], "status": "in_progress"}
         else:
             item = {"type": "message", "id": new_id("msg_"), "role": "assistant", "content": [],
                     "status": "in_progress"}
         self.items.append(item)
-        events = [{"type": "response.output_item.added", "output_index": len(self.items) - 1, "item": dict(item)}]
-        if kind != "tool_call":
+        if kind == "web_search_call":
+            return []
+        events = [self._added()]
+        if kind == "code_interpreter_call":
+            events.append({"type": "response.code_interpreter_call.in_progress", **self._where()})
+        elif kind in ("reasoning", "text"):
             item["content"] = [self._empty_part()]
             events.append({"type": "response.content_part.added", **self._where(), "content_index": 0,
                            "part": self._empty_part()})
+            if kind == "reasoning" and self.summary:
+                item["summary"] = [{"type": "summary_text", "text": ""}]
+                events.append({"type": "response.reasoning_summary_part.added", **self._where(), "summary_index": 0,
+                               "part": {"type": "summary_text", "text": ""}})
         return events
+
+    def _added(self) -> dict:
+        return {"type": "response.output_item.added", "output_index": len(self.items) - 1, "item": dict(self.items[-1])}
 
     def _empty_part(self) -> dict:
         if self.items[-1]["type"] == "reasoning":
             return {"type": "reasoning_text", "text": ""}
         return {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
 
-    def _delta(self, text: str) -> dict:
+    def _delta(self, text: str) -> list[dict]:
         item = self.items[-1]
-        if item["type"] == "function_call":
+        kind = item["type"]
+        if kind in ("function_call", "custom_tool_call"):
+            field = "arguments" if kind == "function_call" else "input"
+            item[field] += text
+            return [{"type": f"response.{kind}_{field}.delta", **self._where(), "delta": text}]
+        if kind == "web_search_call":
             item["arguments"] += text
-            return {"type": "response.function_call_arguments.delta", **self._where(), "delta": text}
-        item["content"][0]["text"] += text
-        if item["type"] == "reasoning":
-            return {"type": "response.reasoning_text.delta", **self._where(), "content_index": 0, "delta": text}
-        return {"type": "response.output_text.delta", **self._where(), "content_index": 0, "delta": text, "logprobs": []}
+            return []
+        if kind == "code_interpreter_call":
+            item["code"] += text
+            return [{"type": "response.code_interpreter_call_code.delta", **self._where(), "delta": text}]
+        if kind == "reasoning":
+            item["content"][0]["text"] += text
+            events = [{"type": "response.reasoning_text.delta", **self._where(), "content_index": 0, "delta": text}]
+            if self.summary:
+                item["summary"][0]["text"] += text
+                events.append({"type": "response.reasoning_summary_text.delta", **self._where(), "summary_index": 0,
+                               "delta": text})
+            return events
+        return self._text_delta(text)
 
-    def _close(self) -> list[dict]:
+    def _text_delta(self, text: str, cite: bool = True) -> list[dict]:
+        """Answer text; with citations, the text they become and their annotations."""
+        annotations = []
+        if self.citations is not None and cite:
+            text, annotations = self.citations.feed(text, len(self.items[-1]["content"][0]["text"]))
+        part = self.items[-1]["content"][0]
+        events = []
+        if text:
+            part["text"] += text
+            events.append({"type": "response.output_text.delta", **self._where(), "content_index": 0, "delta": text,
+                           "logprobs": []})
+        for annotation in annotations:
+            part["annotations"].append(annotation)
+            events.append({"type": "response.output_text.annotation.added", **self._where(), "content_index": 0,
+                           "annotation_index": len(part["annotations"]) - 1, "annotation": annotation})
+        return events
+
+    def _close(self, recipient: str | None) -> list[dict]:
         item = self.items[-1]
+        kind = item["type"]
+        if kind in ("web_search_call", "code_interpreter_call"):
+            return self._start_call(recipient)
         item["status"] = "completed"
-        if item["type"] == "function_call":
+        if kind == "function_call":
             events = [{"type": "response.function_call_arguments.done", **self._where(),
                        "name": item["name"], "arguments": item["arguments"]}]
+        elif kind == "custom_tool_call":
+            events = [{"type": "response.custom_tool_call_input.done", **self._where(), "input": item["input"]}]
         else:
             part = item["content"][0]
-            kind = "reasoning_text" if item["type"] == "reasoning" else "output_text"
-            done = {"type": f"response.{kind}.done", **self._where(), "content_index": 0, "text": part["text"]}
-            if kind == "output_text":
+            text_kind = "reasoning_text" if kind == "reasoning" else "output_text"
+            done = {"type": f"response.{text_kind}.done", **self._where(), "content_index": 0, "text": part["text"]}
+            if text_kind == "output_text":
                 done["logprobs"] = part["logprobs"]
             events = [done, {"type": "response.content_part.done", **self._where(), "content_index": 0, "part": part}]
-        return events + [{"type": "response.output_item.done", "output_index": len(self.items) - 1, "item": item}]
+            if kind == "reasoning" and self.summary:
+                summary = item["summary"][0]
+                events += [{"type": "response.reasoning_summary_text.done", **self._where(), "summary_index": 0,
+                            "text": summary["text"]},
+                           {"type": "response.reasoning_summary_part.done", **self._where(), "summary_index": 0,
+                            "part": summary}]
+            if kind == "reasoning" and self.encrypted:
+                item["encrypted_content"] = encrypt_reasoning(part["text"])
+        return events + [self._done()]
+
+    def _done(self) -> dict:
+        return {"type": "response.output_item.done", "output_index": len(self.items) - 1, "item": self.items[-1]}
+
+    def _start_call(self, recipient: str) -> list[dict]:
+        """A built-in call's message is complete: the server runs it next (`complete_call`)."""
+        item = self.items[-1]
+        self.pending_call = {"recipient": recipient, "index": len(self.items) - 1,
+                             "text": item["code"] if item["type"] == "code_interpreter_call" else item.pop("arguments")}
+        if item["type"] == "code_interpreter_call":
+            return [{"type": "response.code_interpreter_call_code.done", **self._where(), "code": item["code"]},
+                    {"type": "response.code_interpreter_call.interpreting", **self._where()}]
+        item["action"] = planned_action(recipient, self.pending_call["text"])
+        return [self._added(), {"type": "response.web_search_call.in_progress", **self._where()},
+                {"type": "response.web_search_call.searching", **self._where()}]
+
+    def complete_call(self, answer: str, action: dict | None = None) -> list[dict]:
+        """The server ran `pending_call` and the tool answered `answer` (a browser call did `action`, as
+        `Browser.last_action` shows it): closes its item."""
+        item = self.items[self.pending_call["index"]]
+        item["status"] = "completed"
+        if item["type"] == "code_interpreter_call":
+            self.code_logs[item["id"]] = answer
+            if self.code_outputs:
+                item["outputs"] = [{"type": "logs", "logs": answer}]
+            completed = "response.code_interpreter_call.completed"
+        else:
+            item["action"] = action or item["action"]
+            completed = "response.web_search_call.completed"
+        return [{"type": completed, **self._where()}, self._done()]
+
+
+    def items_to_store(self) -> list[dict]:
+        """The items as a later turn (previous_response_id) needs them: python's answers included."""
+        return [{**item, "outputs": [{"type": "logs", "logs": self.code_logs[item["id"]]}]}
+                if item["id"] in self.code_logs else item for item in self.items]
+
+
+def planned_action(recipient: str, arguments: str) -> dict:
+    """A browser call's web_search_call action as its arguments state it, before it runs."""
+    try:
+        args = json.loads(arguments)
+    except ValueError:
+        args = {}
+    args = args if isinstance(args, dict) else {}
+    function = recipient.removeprefix(BROWSER + ".")
+    if function == "search":
+        return {"type": "search", "query": str(args.get("query", ""))}
+    if function == "find":
+        return {"type": "find_in_page", "pattern": str(args.get("pattern", "")), "url": ""}
+    target = args.get("id")
+    return {"type": "open_page", "url": target if isinstance(target, str) else None}
+
+
+class Citations:
+    """The answer's citations of browser pages (【cursor†L3-L5】), turned into text and url_citation
+    annotations as they stream: text from an opening 【 is held back until its 】 arrives."""
+
+    def __init__(self, cite: Callable[[str], tuple[str, list[dict]]]):
+        self.cite, self.held = cite, ""
+
+    def feed(self, text: str, offset: int) -> tuple[str, list[dict]]:
+        """The text that is safe to send now (`offset`: the length of the answer's text sent before it),
+        and the annotations within it, indexed into the whole answer."""
+        text = self.held + text
+        out, annotations, self.held = "", [], ""
+        while text:
+            start = text.find("【")
+            if start < 0:
+                out, text = out + text, ""
+            elif (end := text.find("】", start)) < 0:
+                out, self.held, text = out + text[:start], text[start:], ""
+            else:
+                out += text[:start]
+                cited, found = self.cite(text[start:end + 1])
+                annotations += [{**a, "start_index": a["start_index"] + offset + len(out),
+                                 "end_index": a["end_index"] + offset + len(out)} for a in found]
+                out, text = out + cited, text[end + 1:]
+        return out, annotations
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held

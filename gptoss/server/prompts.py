@@ -3,15 +3,21 @@ must follow (`gptoss.chat.grammar.OutputRules`), and the token budget that fits.
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 from gptoss.chat.grammar import ANY_OBJECT, OutputRules
-from gptoss.chat.harmony import Chat, FunctionTool, ResponseFormat
+from gptoss.chat.harmony import FUNCTIONS, Chat, FunctionTool, ResponseFormat, TextInput
 from gptoss.server.errors import APIError
-from gptoss.server.schemas import ChatCompletionRequest, MessageItem, ResponsesRequest, text_of
+from gptoss.server.schemas import (ChatCompletionRequest, CustomToolFormat, MessageItem, NamespaceToolSpec,
+                                   ResponsesRequest, text_of)
+from gptoss.tools.builtin import BROWSER, PYTHON, BuiltinTools
 
 
 def output_rules(tools: list[FunctionTool], tool_choice, answer: ResponseFormat | None, param: str) -> OutputRules:
     """What the completion must look like (`gptoss.chat.grammar`): "none" offers no tool, "auto" lets the
-    model answer or call, "required" or a named function (a dict or model with a name) makes it call."""
+    model answer or call, "required" or a named tool makes it call (a dict or model with `name`, and
+    `namespace` for a tool inside one; or a hosted tool's type: web_search..., code_interpreter)."""
     if tool_choice in (None, "none", "auto"):
         offered = [] if tool_choice == "none" else tools
         return OutputRules(answer and answer.schema, tuple(offered), "auto")
@@ -19,10 +25,17 @@ def output_rules(tools: list[FunctionTool], tool_choice, answer: ResponseFormat 
         raise APIError(400, f"tool_choice {tool_choice!r} needs tools", param=param)
     if tool_choice == "required":
         return OutputRules(None, tuple(tools), "required")
-    name = tool_choice.function.name if hasattr(tool_choice, "function") else tool_choice.name
-    if name not in {t.name for t in tools}:
-        raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param=param)
-    return OutputRules(None, tuple(tools), name)
+    kind = tool_choice.type
+    if kind.startswith("web_search") or kind == "code_interpreter":
+        namespace = BROWSER if kind.startswith("web_search") else PYTHON
+        if not any(t.namespace == namespace and t.builtin for t in tools):
+            raise APIError(400, f"tool_choice names {kind!r}, which is not among the tools this server runs "
+                                f"for this request", param=param)
+        return OutputRules(None, tuple(tools), namespace)
+    recipient = f"{getattr(tool_choice, 'namespace', None) or FUNCTIONS}.{tool_choice.name}"
+    if recipient not in {t.recipient for t in tools if not t.builtin}:
+        raise APIError(400, f"tool_choice names {tool_choice.name!r}, which is not among the tools", param=param)
+    return OutputRules(None, tuple(tools), recipient)
 
 
 def answer_format(kind: str | None, name: str, schema: dict | None, description: str | None,
@@ -37,27 +50,44 @@ def answer_format(kind: str | None, name: str, schema: dict | None, description:
     return ResponseFormat(name, schema, description)
 
 
-class _ToolCallNames:
-    """Tool results name their call by id; harmony names the function. This remembers which is which."""
+def text_input(format: CustomToolFormat | None) -> TextInput:
+    """A custom tool's input: any text, or text its lark or regex grammar accepts."""
+    return TextInput() if format is None or format.type == "text" else TextInput(format.syntax, format.definition)
 
-    def __init__(self):
-        self._names: dict[str, str] = {}
 
-    def add(self, call_id: str, name: str) -> None:
-        self._names[call_id] = name
+class _ToolCalls:
+    """Tool results name their call by id; harmony names the tool. This remembers which call was which."""
 
-    def name(self, call_id: str | None, param: str, default: str | None = None) -> str:
-        """The function that call `call_id` called (else `default`, a name the client gave); a 400 if unknown."""
-        name = self._names.get(call_id, default)
+    def __init__(self, tools: list[FunctionTool]):
+        self._tools = {t.recipient: t for t in tools}
+        self._calls: dict[str, tuple[str, str]] = {}
+
+    def call(self, chat: Chat, call_id: str, name: str, arguments: str, namespace: str | None,
+             text_input: bool | None = None) -> None:
+        """Adds an earlier call to `chat`. A freeform tool's input is text (`text_input`; None: as the tool
+        of that name is declared), anything else JSON."""
+        namespace = namespace or FUNCTIONS
+        self._calls[call_id] = (name, namespace)
+        if text_input is None:
+            tool = self._tools.get(f"{namespace}.{name}")
+            text_input = tool is not None and tool.text_input is not None
+        chat.tool_call(name, arguments, namespace, text_input=text_input)
+
+    def result(self, chat: Chat, call_id: str | None, output: str, param: str, default: str | None = None) -> None:
+        """Adds what call `call_id` returned (else the tool named `default`, a name the client gave); a
+        400 if the call is unknown."""
+        name, namespace = self._calls.get(call_id, (default, FUNCTIONS))
         if name is None:
             raise APIError(400, f"{param}: {call_id!r} is not the id of an earlier tool call", param=param)
-        return name
+        chat.tool_result(name, output, namespace)
 
 
 def chat_from_messages(body: ChatCompletionRequest) -> tuple[Chat, OutputRules]:
     """System and developer messages become harmony's developer instructions; the rest become turns."""
     instructions = [text_of(m.content) for m in body.messages if m.role in ("system", "developer")]
-    tools = [FunctionTool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or []]
+    tools = [FunctionTool(t.function.name, t.function.description, t.function.parameters) if t.type == "function"
+             else FunctionTool(t.custom.name, t.custom.description, text_input=text_input(t.custom.format))
+             for t in body.tools or []]
     f = body.response_format
     schema = f.json_schema if f is not None and f.json_schema is not None else None
     answer = answer_format(f and f.type, schema.name if schema else "response", schema and schema.schema_,
@@ -65,7 +95,7 @@ def chat_from_messages(body: ChatCompletionRequest) -> tuple[Chat, OutputRules]:
     rules = output_rules(tools, body.tool_choice, answer, "tool_choice")
     chat = Chat(reasoning_effort=body.reasoning_effort, developer_instructions="\n\n".join(instructions) or None,
                 tools=rules.tools, response_format=answer)
-    calls = _ToolCallNames()
+    calls = _ToolCalls(tools)
     for i, m in enumerate(body.messages):
         text = text_of(m.content)
         if m.role == "user":
@@ -76,10 +106,9 @@ def chat_from_messages(body: ChatCompletionRequest) -> tuple[Chat, OutputRules]:
             if text:  # with tool calls, the text before them is a preamble, on the commentary channel
                 chat.assistant(text, "commentary" if m.tool_calls else "final")
             for call in m.tool_calls or []:
-                calls.add(call.id, call.function.name)
-                chat.tool_call(call.function.name, call.function.arguments)
+                calls.call(chat, call.id, call.name, call.arguments, None, text_input=call.type == "custom")
         elif m.role == "tool":
-            chat.tool_result(calls.name(m.tool_call_id, f"messages.{i}.tool_call_id", default=m.name), text)
+            calls.result(chat, m.tool_call_id, text, f"messages.{i}.tool_call_id", default=m.name)
     return chat, rules
 
 
@@ -88,33 +117,78 @@ def input_items(body: ResponsesRequest) -> list:
     return [MessageItem(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input)
 
 
-def chat_from_responses_input(body: ResponsesRequest, earlier: list = ()) -> tuple[Chat, OutputRules]:
+def developer_tools(body: ResponsesRequest) -> tuple[list[FunctionTool], dict[str, str]]:
+    """The request's function, custom and namespace tools, and the namespaces' descriptions."""
+    tools, descriptions = [], {}
+    for spec in body.tools or []:
+        namespace = FUNCTIONS
+        if isinstance(spec, NamespaceToolSpec):
+            namespace, descriptions[spec.name] = spec.name, spec.description or ""
+        for t in spec.tools if isinstance(spec, NamespaceToolSpec) else [spec]:
+            if t.type == "function":
+                tools.append(FunctionTool(t.name, t.description or "", t.parameters, namespace))
+            elif t.type == "custom":
+                tools.append(FunctionTool(t.name, t.description or "", namespace=namespace,
+                                          text_input=text_input(t.format)))
+    return tools, descriptions
+
+
+ENCRYPTED_PREFIX = "gptoss-reasoning-v1:"
+
+
+def encrypt_reasoning(text: str) -> str:
+    """What `include: ["reasoning.encrypted_content"]` returns: the reasoning itself, base64'd behind a
+    marker. Not a secret (this server keeps nothing and has no key to hide it from its own clients); it
+    lets a client that stores nothing (`store: false`) send the reasoning back next turn."""
+    return ENCRYPTED_PREFIX + base64.b64encode(text.encode()).decode()
+
+
+def decrypt_reasoning(content: str, param: str) -> str:
+    try:
+        if content.startswith(ENCRYPTED_PREFIX):
+            return base64.b64decode(content.removeprefix(ENCRYPTED_PREFIX), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        pass
+    raise APIError(400, f"{param}: encrypted_content that this server did not write (it can read only its "
+                        f"own)", param=param, code="invalid_encrypted_content")
+
+
+def chat_from_responses_input(body: ResponsesRequest, earlier: list = (),
+                              builtin: BuiltinTools = BuiltinTools()) -> tuple[Chat, OutputRules]:
     """`instructions` (and any system or developer items) become developer instructions; the items of an
-    earlier response's conversation (`earlier`, for previous_response_id) and then the input become turns."""
+    earlier response's conversation (`earlier`, for previous_response_id) and then the input become turns.
+    `builtin`: the built-in tools the server runs for this request (web_search, code_interpreter)."""
     items = [*earlier, *input_items(body)]
     instructions = [body.instructions or ""] + [text_of(item.content) for item in items
                                                 if item.type == "message" and item.role in ("system", "developer")]
-    tools = [FunctionTool(t.name, t.description, t.parameters) for t in body.tools or []]
+    tools, descriptions = developer_tools(body)
     f = body.text.format if body.text is not None else None
     answer = answer_format(f and f.type, f.name if f else "response", f and f.schema_, f and f.description,
                            "text.format")
-    rules = output_rules(tools, body.tool_choice, answer, "tool_choice")
+    rules = output_rules(tools + builtin.functions(), body.tool_choice, answer, "tool_choice")
     chat = Chat(reasoning_effort=body.reasoning.effort if body.reasoning else "medium",
                 developer_instructions="\n\n".join(filter(None, instructions)) or None,
-                tools=rules.tools, response_format=answer)
-    calls = _ToolCallNames()
+                tools=rules.tools, response_format=answer, namespace_descriptions=descriptions,
+                builtin_tools=builtin.configs() if rules.tools else ())
+    calls = _ToolCalls(tools)
     for i, item in enumerate(items):
         if item.type == "message" and item.role == "user":
             chat.user(text_of(item.content))
         elif item.type == "message" and item.role == "assistant":
             chat.assistant(text_of(item.content), "final")
         elif item.type == "reasoning":
-            chat.assistant(text_of(item.content or item.summary), "analysis")
+            text = (decrypt_reasoning(item.encrypted_content, f"input.{i}.encrypted_content")
+                    if item.encrypted_content and not item.content else text_of(item.content or item.summary))
+            chat.assistant(text, "analysis")
         elif item.type == "function_call":
-            calls.add(item.call_id, item.name)
-            chat.tool_call(item.name, item.arguments)
-        elif item.type == "function_call_output":
-            chat.tool_result(calls.name(item.call_id, f"input.{i}.call_id"), item.output)
+            calls.call(chat, item.call_id, item.name, item.arguments, item.namespace)
+        elif item.type == "custom_tool_call":
+            calls.call(chat, item.call_id, item.name, item.input, item.namespace, text_input=True)
+        elif item.type in ("function_call_output", "custom_tool_call_output"):
+            calls.result(chat, item.call_id, text_of(item.output), f"input.{i}.call_id")
+        elif item.type == "code_interpreter_call" and item.code is not None:
+            logs = "".join(o.logs or "" for o in item.outputs or [])
+            chat.builtin_call(PYTHON, item.code).builtin_result(PYTHON, logs)
     return chat, rules
 
 

@@ -94,7 +94,7 @@ class SamplingFields(_Request):
     stream: bool = False
     user: str | None = None                    # informational (OpenAI: abuse monitoring)
     safety_identifier: str | None = None       # informational
-    prompt_cache_key: str | None = None        # the prefix cache finds prefixes by their tokens, unhinted
+    prompt_cache_key: str | None = None        # prefixes are found by their tokens; responses: names the conversation
     metadata: dict[str, str] | None = None     # echoed on stored responses
     service_tier: Literal["auto", "default"] | None = None
 
@@ -146,10 +146,36 @@ class FunctionCall(_Part):
     arguments: str
 
 
-class ToolCall(_Part):
+class CustomCall(_Part):
+    name: str
+    input: str
+
+
+class _FunctionOrCustom(_Part):
+    """Chat's tool shapes: `type` says which of the fields `function` and `custom` holds the tool."""
+
+    @model_validator(mode="after")
+    def _matches_type(self):
+        if getattr(self, self.type) is None:
+            raise ValueError(f"type {self.type!r} needs the field {self.type!r}")
+        return self
+
+
+class ToolCall(_FunctionOrCustom):
+    """An earlier call in an assistant message: of a function (JSON arguments) or a custom tool (text input)."""
+
     id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
+    type: Literal["function", "custom"] = "function"
+    function: FunctionCall | None = None
+    custom: CustomCall | None = None
+
+    @property
+    def name(self) -> str:
+        return self.function.name if self.type == "function" else self.custom.name
+
+    @property
+    def arguments(self) -> str:
+        return self.function.arguments if self.type == "function" else self.custom.input
 
 
 class ChatMessage(_Part):
@@ -171,9 +197,47 @@ class FunctionDef(_Part):
     strict: bool | None = None  # arguments always fit `parameters` here, strict or not
 
 
-class ChatTool(_Part):
-    type: Literal["function"]
-    function: FunctionDef
+class TextToolFormat(_Part):
+    type: Literal["text"]
+
+
+class GrammarDefinition(_Part):
+    syntax: Literal["lark", "regex"]
+    definition: str
+
+
+class GrammarToolFormat(_Part):
+    """A custom tool's grammar: Responses gives `syntax` and `definition` inline, Chat Completions in `grammar`."""
+
+    type: Literal["grammar"]
+    syntax: Literal["lark", "regex"] | None = None
+    definition: str | None = None
+    grammar: GrammarDefinition | None = None
+
+    @model_validator(mode="after")
+    def _has_definition(self) -> GrammarToolFormat:
+        if self.grammar is not None:
+            self.syntax, self.definition = self.grammar.syntax, self.grammar.definition
+        if self.syntax is None or self.definition is None:
+            raise ValueError("a grammar format needs its syntax (lark or regex) and definition")
+        return self
+
+
+CustomToolFormat = Annotated[TextToolFormat | GrammarToolFormat, Field(discriminator="type")]
+
+
+class CustomDef(_Part):
+    """A custom (freeform) tool: the model writes its input as text, following `format`'s grammar if any."""
+
+    name: str
+    description: str = ""
+    format: CustomToolFormat | None = None
+
+
+class ChatTool(_FunctionOrCustom):
+    type: Literal["function", "custom"]
+    function: FunctionDef | None = None
+    custom: CustomDef | None = None
 
 
 class NamedFunction(_Part):
@@ -181,8 +245,14 @@ class NamedFunction(_Part):
 
 
 class ChatToolChoice(_Part):
-    type: Literal["function"]
-    function: NamedFunction
+    type: Literal["function", "custom"]
+    function: NamedFunction | None = None
+    custom: NamedFunction | None = None
+
+    @property
+    def name(self) -> str | None:
+        named = self.function if self.type == "function" else self.custom
+        return named and named.name
 
 
 class JsonSchemaFormat(_Part):
@@ -255,9 +325,13 @@ class MessageItem(_Part):
 
 
 class ReasoningItem(_Part):
+    """Earlier reasoning, as its text (`content`, else `summary`) or as the `encrypted_content` this
+    server returned for it (`include: ["reasoning.encrypted_content"]`)."""
+
     type: Literal["reasoning"]
     content: list[TextPart] | None = None
     summary: list[TextPart] = []
+    encrypted_content: str | None = None
 
 
 class FunctionCallItem(_Part):
@@ -265,35 +339,129 @@ class FunctionCallItem(_Part):
     call_id: str
     name: str
     arguments: str
+    namespace: str | None = None  # a function of a `namespace` tool
 
 
 class FunctionCallOutputItem(_Part):
-    type: Literal["function_call_output"]
+    type: Literal["function_call_output", "custom_tool_call_output"]
     call_id: str
-    output: str
+    output: Content
+
+
+class CustomToolCallItem(_Part):
+    type: Literal["custom_tool_call"]
+    call_id: str
+    name: str
+    input: str
+    namespace: str | None = None
+
+
+class CodeOutput(_Part):
+    type: Literal["logs", "image"]
+    logs: str | None = None
+
+
+class CodeInterpreterCallItem(_Part):
+    """An earlier run of the python tool: rendered again as the call and what it printed."""
+
+    type: Literal["code_interpreter_call"]
+    code: str | None = None
+    outputs: list[CodeOutput] | None = None
+
+
+class WebSearchCallItem(_Part):
+    """An earlier browser call. The page it showed is not in the item, so it is not rendered again: the
+    reasoning and answer that used it are."""
+
+    type: Literal["web_search_call"]
 
 
 def _item_type(item: Any) -> str | None:
     return item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
 
 
+def _item_tag(item: Any) -> str | None:
+    kind = _item_type(item)
+    return "function_call_output" if kind == "custom_tool_call_output" else kind
+
+
 InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[ReasoningItem, Tag("reasoning")]
                       | Annotated[FunctionCallItem, Tag("function_call")]
-                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
-                      Discriminator(_item_type)]
+                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+                      | Annotated[CustomToolCallItem, Tag("custom_tool_call")]
+                      | Annotated[CodeInterpreterCallItem, Tag("code_interpreter_call")]
+                      | Annotated[WebSearchCallItem, Tag("web_search_call")],
+                      Discriminator(_item_tag)]
 
 
-class ResponsesTool(_Part):
+class FunctionToolSpec(_Part):
     type: Literal["function"]
     name: str
-    description: str = ""
+    description: str | None = ""
     parameters: dict | None = None
-    strict: bool | None = None
+    strict: bool | None = None  # arguments always fit `parameters` here, strict or not
+
+
+class CustomToolSpec(_Part):
+    type: Literal["custom"]
+    name: str
+    description: str | None = ""
+    format: CustomToolFormat | None = None
+
+
+NamespacedTool = Annotated[FunctionToolSpec | CustomToolSpec, Field(discriminator="type")]
+
+
+class NamespaceToolSpec(_Part):
+    """Functions under a namespace of their own: harmony renders it as one, the model calls NAMESPACE.NAME."""
+
+    type: Literal["namespace"]
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+    description: str | None = ""
+    tools: list[NamespacedTool] = Field(min_length=1)
+
+
+class WebSearchFilters(_Part):
+    allowed_domains: list[str] | None = None
+
+
+class WebSearchToolSpec(_Part):
+    """OpenAI's hosted web search, served by gpt-oss's own browser tool (`gptoss.tools.browser`)."""
+
+    type: Literal["web_search", "web_search_2025_08_26", "web_search_preview", "web_search_preview_2025_03_11"]
+    external_web_access: bool | None = None  # false: only a backend that reads no network (local) may serve
+    filters: WebSearchFilters | None = None  # allowed_domains: search results from other sites are dropped
+    search_context_size: Literal["low", "medium", "high"] | None = None  # results a search shows: 3, 5, 10
+    user_location: dict | None = None  # a hint for ranking; the backends here take none, so it changes nothing
+
+
+class CodeInterpreterToolSpec(_Part):
+    """OpenAI's hosted code interpreter, served by gpt-oss's own python tool (`gptoss.tools.python_sandbox`)."""
+
+    type: Literal["code_interpreter"]
+    container: str | dict = "auto"  # a container of its own per conversation, whatever is asked; no files
+
+
+def _tool_tag(tool: Any) -> str | None:
+    kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
+    return "web_search" if isinstance(kind, str) and kind.startswith("web_search") else kind
+
+
+ResponsesTool = Annotated[Annotated[FunctionToolSpec, Tag("function")] | Annotated[CustomToolSpec, Tag("custom")]
+                          | Annotated[NamespaceToolSpec, Tag("namespace")]
+                          | Annotated[WebSearchToolSpec, Tag("web_search")]
+                          | Annotated[CodeInterpreterToolSpec, Tag("code_interpreter")], Discriminator(_tool_tag)]
+SUPPORTED_TOOL_TYPES = ("function", "custom", "namespace", "web_search", "web_search_preview", "code_interpreter")
 
 
 class ResponsesToolChoice(_Part):
-    type: Literal["function"]
-    name: str
+    """A named function or custom tool (`namespace` for one inside a namespace tool), or a hosted tool
+    by its type (web_search..., code_interpreter), which the completion must then call."""
+
+    type: Literal["function", "custom", "web_search", "web_search_2025_08_26", "web_search_preview",
+                  "web_search_preview_2025_03_11", "code_interpreter"]
+    name: str | None = None
+    namespace: str | None = None
 
 
 class ReasoningConfig(_Part):
@@ -321,9 +489,9 @@ class ResponsesRequest(SamplingFields):
     reasoning: ReasoningConfig | None = None
     tools: list[ResponsesTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ResponsesToolChoice | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = None     # allowed, not required: gpt-oss makes one call at a time
     max_output_tokens: int | None = Field(None, ge=1)
-    max_tool_calls: int | None = Field(None, ge=1)  # gpt-oss makes at most one call a response
+    max_tool_calls: int | None = Field(None, ge=1)  # calls of the built-in tools the server runs in one response
     previous_response_id: str | None = None
     store: bool = True                          # OpenAI's default
     text: TextConfig | None = None
@@ -334,8 +502,24 @@ class ResponsesRequest(SamplingFields):
     background: bool | None = None
     conversation: str | dict | None = None
     prompt: dict | None = None
+    client_metadata: dict | None = None         # a client's own bookkeeping (coding agents send it): ignored
 
-    INCLUDABLE: ClassVar[tuple[str, ...]] = ("message.output_text.logprobs",)
+    INCLUDABLE: ClassVar[tuple[str, ...]] = ("message.output_text.logprobs", "reasoning.encrypted_content",
+                                             "code_interpreter_call.outputs", "web_search_call.action.sources")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_tool_types(cls, data: Any) -> Any:
+        """A tool of a type this server does not run (mcp, file_search, computer, image_generation, ...)
+        is a 400 that names it, not pydantic's list of union members."""
+        tools = data.get("tools") if isinstance(data, dict) else None
+        for i, tool in enumerate(tools if isinstance(tools, list) else []):
+            kind = _tool_tag(tool)
+            if isinstance(kind, str) and kind not in SUPPORTED_TOOL_TYPES:
+                raise APIError(400, f"tools.{i}: tools of type {tool['type']!r} are not supported by this server "
+                                    f"(it serves {', '.join(SUPPORTED_TOOL_TYPES)})", param=f"tools.{i}.type",
+                               code="unsupported_tool_type")
+        return data
 
     def check_supported(self) -> None:
         self.refuse_unsupported({"truncation": "disabled", "background": False, "conversation": (), "prompt": ()})
@@ -343,14 +527,20 @@ class ResponsesRequest(SamplingFields):
             if item not in self.INCLUDABLE:
                 raise APIError(400, f"include: {item!r} is not supported by this server (it can include "
                                     f"{', '.join(self.INCLUDABLE)})", param="include", code="unsupported_parameter")
+        for i, tool in enumerate(self.tools or []):
+            if isinstance(tool, CodeInterpreterToolSpec) and isinstance(tool.container, dict) and tool.container.get(
+                    "file_ids"):
+                raise APIError(400, "code_interpreter: container.file_ids is not supported by this server (it has no "
+                                    "files API)", param=f"tools.{i}.container.file_ids", code="unsupported_parameter")
         if self.text is not None and self.text.verbosity not in (None, "medium"):
             raise APIError(400, f"text.verbosity = {self.text.verbosity!r} is not supported by this server",
                            param="text.verbosity", code="unsupported_parameter")
-        if self.reasoning is not None and (self.reasoning.summary or self.reasoning.generate_summary):
-            raise APIError(400, "reasoning.summary is not supported by this server: gpt-oss writes no summaries; "
-                                "the reasoning itself is returned in reasoning items", param="reasoning.summary",
-                           code="unsupported_parameter")
 
     @property
     def wants_logprobs(self) -> bool:
         return "message.output_text.logprobs" in (self.include or [])
+
+    @property
+    def summary(self) -> str | None:
+        """The reasoning summary asked for. gpt-oss writes none, so the summary given is the reasoning itself."""
+        return self.reasoning and (self.reasoning.summary or self.reasoning.generate_summary)

@@ -107,7 +107,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if quantization.get("quant_method") == "mxfp4" and not quantization.get("dequantize") and not quantized:
         raise CheckpointError(f"{directory / 'config.json'}: quantization_config says the experts are MXFP4, "
                               f"but the tensors hold them dense (no *_blocks / *_scales)")
-    _validate(directory, config, tensors, checkpoint_tensor_specs(config, layout, quantized))
+    try:  # a geometry that MXFP4 cannot hold (widths not a multiple of its block) is the config's fault
+        specs = checkpoint_tensor_specs(config, layout, quantized)
+    except ConfigError as e:
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
+    _validate(directory, config, tensors, specs)
     return Checkpoint(directory, config, generation_config, layout, quantized, tensors)
 
 
