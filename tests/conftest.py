@@ -83,14 +83,20 @@ def running_server(app):
 
 
 @pytest.fixture(scope="session")
-def tiny_random_model(tmp_path_factory):
-    """The tiny preset with the real vocabulary, random weights (seed 3), in fp32 so that greedy outputs
-    compare token for token: the model behind the server tests."""
-    from gptoss import load_model
+def tiny_random_checkpoint(tmp_path_factory):
+    """The tiny preset with the real vocabulary, random weights (seed 3): the checkpoint behind the server
+    tests (and their subprocesses)."""
     from gptoss.weights.random_checkpoint import write_random_checkpoint
 
-    path = write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("tiny-model") / "tiny", seed=3)
-    return load_model(path, dtype=torch.float32)
+    return write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("tiny-model") / "tiny", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_random_model(tiny_random_checkpoint):
+    """That checkpoint in fp32, so that greedy outputs compare token for token."""
+    from gptoss import load_model
+
+    return load_model(tiny_random_checkpoint, dtype=torch.float32)
 
 
 @pytest.fixture

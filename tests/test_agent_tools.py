@@ -317,3 +317,41 @@ def test_openai_agents_hosted_tools_run_on_the_server(server, forced_tokens):
     assert result.final_output == "Four, and tides follow the moon."
     calls = [item.raw_item.type for item in result.new_items if item.type == "tool_call_item"]
     assert calls == ["web_search_call", "code_interpreter_call"]
+
+
+def test_the_rounds_after_a_tool_s_answer_keep_logprobs_and_may_answer(client, forced_tokens):
+    """Log-probabilities across rounds (each round's own), and a forced tool_choice applies to the first
+    completion only: after python has answered, the model may answer (the forced final passes the grammar)."""
+    forced_tokens("<|channel|>analysis to=python code<|message|>print(5)<|call|>",
+                  "<|channel|>final<|message|>five<|return|>")
+    r = client.responses.create(model=MODEL, input="Five?", tools=[{"type": "code_interpreter"}], temperature=0,
+                                tool_choice={"type": "code_interpreter"},
+                                include=["message.output_text.logprobs", "code_interpreter_call.outputs"])
+    code_call, message = r.output
+    assert code_call.status == "completed" and code_call.outputs[0].logs.strip() == "5"
+    assert message.content[0].text == "five" and message.content[0].logprobs
+
+
+def test_a_call_cut_off_by_the_budget_is_not_run(client, forced_tokens):
+    forced_tokens("<|channel|>analysis to=python code<|message|>print('RAN')\nprint('never')<|call|>")
+    r = client.responses.create(model=MODEL, input="Run it.", tools=[{"type": "code_interpreter"}], temperature=0,
+                                include=["code_interpreter_call.outputs"], max_output_tokens=14)
+    (code_call,) = r.output
+    assert r.status == "incomplete" and code_call.status == "incomplete" and code_call.outputs is None
+
+
+def test_a_refused_browser_call_is_failed_not_completed(client, forced_tokens):
+    search = '<|channel|>analysis to=browser.search code<|message|>{{"query": "{}"}}<|call|>'
+    forced_tokens(search.format("tides"), search.format("bread"), "<|channel|>final<|message|>ok<|return|>")
+    r = client.responses.create(model=MODEL, input="Search twice.", tools=[WEB_SEARCH], max_tool_calls=1,
+                                temperature=0)
+    first, second, _ = r.output
+    assert (first.status, first.action.query) == ("completed", "tides")
+    assert (second.status, second.action.query) == ("failed", "bread")
+
+
+@pytest.mark.parametrize("tools", [[dict(SHELL, name="run shell")], [{"type": "custom", "name": 'say"hi'}],
+                                   [dict(DOCS_NAMESPACE, name="browser")]])
+def test_tool_names_outside_openai_s_rule_are_refused(client, tools):
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model=MODEL, input="Hi", tools=tools)

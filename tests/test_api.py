@@ -17,14 +17,11 @@ import openai
 import pytest
 import torch
 
-from gptoss import load_model
 from gptoss.chat.harmony import Chat, FunctionTool, render_for_completion
 from gptoss.chat.tokenizer import HARMONY_SPECIAL_TOKENS, get_tokenizer
-from gptoss.model.config import preset
 from gptoss.server import Engine, create_app
 from gptoss.server import engine as engine_module
 from gptoss.server.store import ResponseStore
-from gptoss.weights.random_checkpoint import write_random_checkpoint
 from tests.conftest import running_server
 
 MODEL = "tiny-random"
@@ -42,9 +39,8 @@ HELLO = [{"role": "user", "content": "What is the weather like?"}]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("api") / "tiny", seed=3)
-    return load_model(path, dtype=torch.float32)
+def model(tiny_random_model):
+    return tiny_random_model
 
 
 @pytest.fixture(scope="module")

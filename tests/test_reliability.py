@@ -16,15 +16,12 @@ import httpx
 import openai
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from gptoss import load_model
 from gptoss.model.config import preset
 from gptoss.server import Engine, create_app
 from gptoss.server import engine as engine_module
-from gptoss.weights.random_checkpoint import write_random_checkpoint
 from tests.conftest import running_server
 
 MODEL, KEY = "tiny-random", "s3cret-key"
@@ -34,13 +31,13 @@ FUZZ_EXAMPLES = int(os.environ.get("GPTOSS_FUZZ_EXAMPLES", 20))   # per operatio
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("rel") / "tiny", seed=3)
+def checkpoint(tiny_random_checkpoint):
+    return tiny_random_checkpoint
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint):
-    return load_model(checkpoint, dtype=torch.float32)
+def model(tiny_random_model):
+    return tiny_random_model
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
-from gptoss import load_model
 from gptoss.chat.grammar import OutputRules
 from gptoss.chat.harmony import Chat, FunctionTool, parse_completion, render_for_completion, stop_tokens
 from gptoss.chat.tokenizer import get_tokenizer
@@ -31,11 +30,9 @@ from gptoss.cli import serve
 from gptoss.errors import GptossError
 from gptoss.generation.cache import KVCache
 from gptoss.generation.generate import generate
-from gptoss.model.config import preset
 from gptoss.server import Engine, create_app
 from gptoss.server import engine as engine_module
 from gptoss.server.outputs import ChatOutput, ResponsesOutput
-from gptoss.weights.random_checkpoint import write_random_checkpoint
 from tests.conftest import running_server
 
 MODEL = "tiny-random"
@@ -50,13 +47,13 @@ TOOL_CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|m
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_random_checkpoint(preset("tiny"), tmp_path_factory.mktemp("server") / "tiny", seed=3)
+def checkpoint(tiny_random_checkpoint):
+    return tiny_random_checkpoint
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint):
-    return load_model(checkpoint, dtype=torch.float32)
+def model(tiny_random_model):
+    return tiny_random_model
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 
 import llguidance
@@ -114,7 +115,7 @@ def _call_header(tool: FunctionTool) -> str:
 def _text_grammar(text_input: TextInput) -> str:
     """A freeform tool's grammar as a lark grammar of its own: OpenAI's custom tools give lark or a regex."""
     if text_input.syntax == "regex":
-        return "start: /" + text_input.definition.replace("/", "\\/") + "/\n"
+        return "start: /" + re.sub(r"(?<!\\)/", r"\\/", text_input.definition) + "/\n"  # unescaped / ends it
     if text_input.syntax == "lark":
         return text_input.definition
     raise GrammarError(f"a tool's grammar syntax must be lark or regex, not {text_input.syntax!r}")

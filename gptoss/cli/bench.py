@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from gptoss.cli.options import DTYPES, add_model_options, parse_ints
-from gptoss.generation.benchmark import (bytes_per_decoded_token, decode_seconds, pass_seconds, prefill_seconds,
-                                        read_all_weights)
+from gptoss.generation.benchmark import (bytes_per_decoded_token, decode_seconds, gemm_tflop_s,
+                                        matmul_flops_per_token, pass_seconds, prefill_seconds, read_all_weights,
+                                        read_bandwidth_gb_s)
 from gptoss.generation.cache import PREFILL_CHUNK
 from gptoss.kernels import cpu_kernels
 from gptoss.weights.checkpoint import load_model
@@ -28,6 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--speculate", type=int, default=0, metavar="N",
                    help="also time forward passes of 2 .. N + 1 tokens at the decode position: what verifying a "
                         "speculative draft of 1 .. N tokens costs against a decode step")
+    p.add_argument("--limits", action="store_true",
+                   help="also measure the machine's limits in the same run: read bandwidth (torch sum over 1 GiB) "
+                        "and the bf16 GEMM ceiling (torch, 512 x 2880 -> 5760), and each figure against them")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -35,7 +39,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     result = run_benchmark(resolve_model(args.model), parse_ints(args.prompt_lens, "--prompt-lens"), args.gen,
                            threads=args.threads, chunk=args.chunk, kernels=not args.reference,
-                           dtype=DTYPES[args.dtype], int8_dense=args.int8, speculate=args.speculate)
+                           dtype=DTYPES[args.dtype], int8_dense=args.int8, speculate=args.speculate,
+                           limits=args.limits)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -47,6 +52,10 @@ def run(args) -> int:
     rows += [(f"decode tg{args.gen}", f"{result['decode_tok_s']:.2f} tok/s"),
              ("decode bandwidth", f"{result['decode_gb_s']:.1f} GB/s ({result['decode_gb_per_token']:.3f} GB/token)"),
              ("peak RSS", f"{result['peak_rss_gb']:.2f} GB")]
+    if args.limits:
+        rows += [("read bandwidth", f"{result['read_gb_s']:.1f} GB/s: decode at {result['decode_of_bandwidth']:.2f} x"),
+                 ("bf16 GEMM ceiling", f"{result['gemm_tflop_s']:.2f} TFLOP/s: prefill at "
+                                       + ", ".join(f"pp{n} {v:.2f} x" for n, v in result["prefill_of_gemm"].items()))]
     step = result["pass_s"].get("1")
     rows += [(f"pass of {n} tokens", f"{v * 1e3:.0f} ms, {v / step:.2f} x a one-token pass")
              for n, v in result["pass_s"].items() if n != "1"]
@@ -57,7 +66,7 @@ def run(args) -> int:
 
 def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = None, chunk: int = PREFILL_CHUNK,
                   kernels: bool = True, dtype: torch.dtype | None = None, int8_dense: bool = False,
-                  speculate: int = 0) -> dict:
+                  speculate: int = 0, limits: bool = False) -> dict:
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -73,6 +82,12 @@ def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = 
     decode_s = decode_seconds(model, sequence, logits, gen)
     passes = {str(n): pass_seconds(model, sequence, n) for n in range(1, speculate + 2)} if speculate else {}
     per_token = bytes_per_decoded_token(model)
+    measured = {}
+    if limits:  # after the model's figures, in the same process and threads
+        bandwidth, tflops, flops = read_bandwidth_gb_s(), gemm_tflop_s(), matmul_flops_per_token(model.config)
+        measured = {"read_gb_s": bandwidth, "decode_of_bandwidth": per_token * gen / decode_s / 1e9 / bandwidth,
+                    "gemm_tflop_s": tflops,
+                    "prefill_of_gemm": {n: v * flops / 1e12 / tflops for n, v in prefill.items()}}
     return {
         "model": str(path),
         "threads": torch.get_num_threads(),
@@ -87,4 +102,5 @@ def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = 
         "decode_gb_s": per_token * gen / decode_s / 1e9,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "pass_s": passes,
+        **measured,
     }

@@ -35,6 +35,40 @@ def read_all_weights(model: Transformer) -> None:
             t.detach().reshape(-1).view(torch.uint8)[::4096].sum()
 
 
+def matmul_flops_per_token(cfg) -> int:
+    """Multiply-add FLOPs (2 per weight) of one token's matrix products: attention projections, router, the
+    top-k experts and the unembedding (attention's own scores, which grow with the context, not counted)."""
+    H, D = cfg.hidden_size, cfg.head_dim
+    attention = H * (cfg.num_heads + 2 * cfg.num_kv_heads) * D + cfg.num_heads * D * H
+    experts = cfg.experts_per_token * 3 * H * cfg.intermediate_size
+    return 2 * (cfg.num_layers * (attention + H * cfg.num_experts + experts) + cfg.vocab_size * H)
+
+
+def read_bandwidth_gb_s(nbytes: int = 2**30, repeats: int = 5) -> float:
+    """The machine's read bandwidth as torch sees it: the best of `repeats` sums over a float32 tensor of
+    `nbytes` (1 GiB: far past every cache), in GB/s."""
+    data = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+def gemm_tflop_s(rows: int = 512, inner: int = 2880, outer: int = 5760, repeats: int = 5) -> float:
+    """torch's bf16 GEMM at the shape of a 512-token chunk through gpt-oss-20b's widest projection
+    (2880 -> 5760, an expert's gate and up): the best of `repeats`, in TFLOP/s."""
+    x, w = torch.randn(rows, inner).bfloat16(), torch.randn(outer, inner).bfloat16()
+    torch.nn.functional.linear(x, w)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * inner * outer / best / 1e12
+
+
 @torch.inference_mode()
 def prefill_seconds(model: Transformer, length: int, chunk: int, seed: int = 0,
                     room: int = 0) -> tuple[float, tuple[Sequence, torch.Tensor]]:

@@ -308,17 +308,22 @@ class Sequence:
         block `length` ends inside is written again by the next pass, so if it is registered or shared it is
         first copied to a page of this sequence's own: a registered page is never written again."""
         c, B = self.cache, self.cache.page_size
-        if not 0 < length <= self.length:
-            raise ValueError(f"cannot truncate a sequence of {self.length} tokens to {length}")
-        self.tokens, self.hashes = self.tokens[:length], self.hashes[:length // B]
         kept, inside = -(-length // B), length // B   # blocks holding kept positions; the one `length` ends in
-        for table in self.tables:
+        if not 0 < length <= self.length or any(     # a sliding group must still hold the window before `length`
+                table[j] == NO_PAGE for table, group in zip(self.tables, c.groups) if group.sliding
+                for j in range(c.first_visible_block(length - 1), min(kept, len(table)))):
+            raise ValueError(f"cannot truncate a sequence of {self.length} tokens to {length}")
+        copies = [g for g, table in enumerate(self.tables) if length % B and inside < len(table)
+                  and table[inside] != NO_PAGE and (table[inside] in c.key_of_page or c.holders[table[inside]] > 1)]
+        if len(copies) > c.free_pages:  # before anything changes
+            raise CacheFull(f"truncating needs {len(copies)} free pages of the KV cache, {c.free_pages} are left")
+        self.tokens, self.hashes = self.tokens[:length], self.hashes[:length // B]
+        for g, table in enumerate(self.tables):
             for page in table[kept:]:
                 if page != NO_PAGE:
                     c._release(page)
             del table[kept:]
-            if length % B and inside < len(table) and table[inside] != NO_PAGE and (
-                    table[inside] in c.key_of_page or c.holders[table[inside]] > 1):
+            if g in copies:
                 table[inside] = c._copy(table[inside], length % B)
 
     def release(self) -> None:

@@ -11,12 +11,13 @@ turn can name them as `previous_response_id`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -46,10 +47,12 @@ from gptoss.server.store import ResponseStore
 
 @dataclass
 class Choice:
-    """One generation and what its endpoint makes of it."""
+    """One generation and what its endpoint makes of it. `client_gone`: its client left, so nothing more
+    is to be generated for it (a response's next round included)."""
 
     generation: Generation
     output: Output
+    client_gone: bool = False
 
 
 async def drive(engine: Engine, choice: Choice, first_token: asyncio.Event | None = None) -> AsyncIterator:
@@ -61,7 +64,8 @@ async def drive(engine: Engine, choice: Choice, first_token: asyncio.Event | Non
         async for token in generation.tokens():
             if first_token is not None:
                 first_token.set()
-            logprobs = generation.logprobs[output.completion_tokens] if generation.top_logprobs is not None else None
+            logprobs = (generation.logprobs[len(generation.generated) - 1] if generation.top_logprobs is not None
+                        else None)
             for piece in output.feed(token, logprobs):
                 yield piece
             if output.stopped:
@@ -85,6 +89,7 @@ async def watch_disconnect(http: Request, choices: list[Choice]) -> None:
     while not await http.is_disconnected():
         await asyncio.sleep(DISCONNECT_POLL_S)
     for choice in choices:
+        choice.client_gone = True
         choice.generation.cancel()
 
 
@@ -204,10 +209,15 @@ class Served:
         return self.engine.model.generation_config
 
     def generation(self, prompt: list[int], budget: int, params: SamplingParams, stops, rules: OutputRules | None,
-                   top_logprobs: int | None, prompt_logprobs: bool = False) -> Generation:
+                   top_logprobs: int | None, prompt_logprobs: bool = False, started: float | None = None) -> Generation:
+        """`started`: when the request began (time.monotonic()), if earlier than now: its timeout counts
+        from then (a response's later rounds)."""
         constraint = Constraint(rules, self.vocab_size) if rules is not None and rules.constrained else None
+        timeout = self.request_timeout
+        if timeout is not None and started is not None:
+            timeout = max(timeout - (time.monotonic() - started), 1e-3)
         return Generation(prompt, budget, params, stops, constraint=constraint, top_logprobs=top_logprobs,
-                          prompt_logprobs=prompt_logprobs, timeout=self.request_timeout)
+                          prompt_logprobs=prompt_logprobs, timeout=timeout)
 
 
 def served(http: Request) -> Served:
@@ -415,8 +425,10 @@ async def responses(body: ResponsesRequest, s: ServedDep, http: Request):
             raise APIError(404, f"Previous response with id '{body.previous_response_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
         earlier = INPUT_ITEMS.validate_python(stored)
-    rid, created_at = new_id("resp_"), int(time.time())
-    builtin, warnings = s.hosted.for_request(body, s.hosted.conversation(body, rid))
+    rid, created_at, started = new_id("resp_"), int(time.time()), time.monotonic()
+    conversation = s.hosted.conversation(body, rid)
+    # In a thread: a conversation's first python sandbox starts a process.
+    builtin, warnings = await asyncio.to_thread(s.hosted.for_request, body, conversation)
     chat, rules = chat_from_responses_input(body, earlier, builtin)
     prompt = render_for_completion(chat)
     budget = token_budget(len(prompt), body.max_output_tokens, s.engine.context, "input", "max_output_tokens")
@@ -426,37 +438,46 @@ async def responses(body: ResponsesRequest, s: ServedDep, http: Request):
     output = ResponsesOutput(rules.tools, summary=body.summary is not None,
                              encrypted="reasoning.encrypted_content" in include,
                              code_outputs="code_interpreter_call.outputs" in include,
-                             cite=builtin.browser.normalize_citations if builtin.browser else None)
+                             cite=builtin.browser.normalize_citations if builtin.browser else None,
+                             container_id=container_id(conversation))
     choice = Choice(s.generation(prompt, budget, params, stop_tokens(), rules, top), output)
     generations = [choice.generation]  # one per completion: a built-in tool's answer starts the next
 
     async def rounds() -> AsyncIterator[tuple[int, dict]]:
         """The output's pieces over the response's completions: when one ends in a call of a built-in tool,
         the server runs it and the model goes on from its answer, until it answers, calls a developer's
-        tool, or runs out of budget or context."""
-        calls = 0
+        tool, or runs out of budget, context or time. tool_choice applies to the first completion, as
+        OpenAI applies it: afterwards the model may answer."""
+        calls, later_rules = 0, replace(rules, tool_choice="auto") if rules.tools else rules
         while True:
             async for piece in pieces_of(s.engine, [choice]):
                 yield piece
             call, generation = output.pending_call, choice.generation
-            if call is None or generation.finish_reason == "cancelled":  # (its client left)
+            if call is None or choice.client_gone:
+                return
+            if generation.finish_reason != "stop":  # cut off (budget, timeout) inside the call: not run
+                for piece in output.abandon_call():
+                    yield 0, piece
                 return
             calls += 1
-            if body.max_tool_calls is not None and calls > body.max_tool_calls:
+            refused = body.max_tool_calls is not None and calls > body.max_tool_calls
+            if refused:
                 answer = f"Error: this response may call tools at most {body.max_tool_calls} times; answer now."
             else:  # in a thread: python runs for seconds, a web backend waits on the network
                 answer = await asyncio.to_thread(builtin.run, call["recipient"], call["text"])
-            action = builtin.browser.last_action if call["recipient"].startswith("browser.") else None
+            action = builtin.browser.last_action if call["recipient"].startswith("browser.") and not refused else None
             if action and "web_search_call.action.sources" not in include:
                 action = {k: v for k, v in action.items() if k != "sources"}
-            for piece in output.complete_call(answer, action):
+            for piece in output.complete_call(answer, action, failed=refused):
                 yield 0, piece
             prompt_next = generation.prompt + generation.generated + render_tool_result(call["recipient"], answer)
             room = min(budget - output.completion_tokens, s.engine.context - len(prompt_next))
+            if choice.client_gone:
+                return
             if room < 1:
                 generation.finish_reason = "length"
                 return
-            choice.generation = s.generation(prompt_next, room, params, stop_tokens(), rules, top)
+            choice.generation = s.generation(prompt_next, room, params, stop_tokens(), later_rules, top, started=started)
             generations.append(choice.generation)
             output.next_round()
 
@@ -511,13 +532,18 @@ async def responses(body: ResponsesRequest, s: ServedDep, http: Request):
         try:
             async for _, data in rounds():
                 yield event(data)
-        except EngineError as e:
+        except Exception as e:  # an engine failure, or a bug: the client gets an error event, not a cut stream
             yield event({"type": "error", "code": "server_error", "message": str(e), "param": None})
             return
         result = finished()
         yield event({"type": f"response.{result['status']}", "response": result})
 
     return event_stream(events())
+
+
+def container_id(conversation: str) -> str:
+    """The id code_interpreter_call items give the python sandbox of a conversation (one per conversation)."""
+    return "cntr_" + hashlib.sha256(conversation.encode()).hexdigest()[:32]
 
 
 def tool_choice(body: ResponsesRequest) -> str | dict:

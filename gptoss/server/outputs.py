@@ -437,11 +437,12 @@ class ResponsesOutput(Output):
         return [self._added(), {"type": "response.web_search_call.in_progress", **self._where()},
                 {"type": "response.web_search_call.searching", **self._where()}]
 
-    def complete_call(self, answer: str, action: dict | None = None) -> list[dict]:
-        """The server ran `pending_call` and the tool answered `answer` (a browser call did `action`, as
-        `Browser.last_action` shows it): closes its item."""
+    def complete_call(self, answer: str, action: dict | None = None, failed: bool = False) -> list[dict]:
+        """The server ran `pending_call` (or refused to: `failed`) and the tool answered `answer` (a browser
+        call did `action`, as `Browser.last_action` shows it; None: it failed): closes its item."""
         item = self.items[self.pending_call["index"]]
-        item["status"] = "completed"
+        failed = failed or item["type"] == "web_search_call" and action is None
+        item["status"] = "failed" if failed else "completed"
         if item["type"] == "code_interpreter_call":
             self.code_logs[item["id"]] = answer
             if self.code_outputs:
@@ -451,6 +452,12 @@ class ResponsesOutput(Output):
             item["action"] = action or item["action"]
             completed = "response.web_search_call.completed"
         return [{"type": completed, **self._where()}, self._done()]
+
+    def abandon_call(self) -> list[dict]:
+        """`pending_call` was cut off before its end (budget, timeout): it is not run; its item ends incomplete."""
+        self.items[self.pending_call["index"]]["status"] = "incomplete"
+        self.pending_call = None
+        return [self._done()]
 
 
     def items_to_store(self) -> list[dict]:
@@ -480,7 +487,7 @@ class Citations:
     annotations as they stream: text from an opening 【 is held back until its 】 arrives."""
 
     def __init__(self, cite: Callable[[str], tuple[str, list[dict]]]):
-        self.cite, self.held = cite, ""
+        self.cite, self.held, self.last = cite, "", ""
 
     def feed(self, text: str, offset: int) -> tuple[str, list[dict]]:
         """The text that is safe to send now (`offset`: the length of the answer's text sent before it),
@@ -495,10 +502,14 @@ class Citations:
                 out, self.held, text = out + text[:start], text[start:], ""
             else:
                 out += text[:start]
-                cited, found = self.cite(text[start:end + 1])
-                annotations += [{**a, "start_index": a["start_index"] + offset + len(out),
-                                 "end_index": a["end_index"] + offset + len(out)} for a in found]
+                # With the character before it, so the citation's text knows whether a space precedes it.
+                before = (self.last + out)[-1:]
+                cited, found = self.cite(before + text[start:end + 1])
+                cited, shift = cited[len(before):], offset + len(out) - len(before)
+                annotations += [{**a, "start_index": a["start_index"] + shift, "end_index": a["end_index"] + shift}
+                                for a in found]
                 out, text = out + cited, text[end + 1:]
+        self.last = (self.last + out)[-1:]
         return out, annotations
 
     def flush(self) -> str:

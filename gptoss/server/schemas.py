@@ -81,6 +81,8 @@ def text_of(content: Content | None) -> str:
 
 
 Seed = Annotated[int, Field(ge=-2**63, le=2**64 - 1)]  # what a torch.Generator takes
+# OpenAI's rule for function and tool names; the name goes into the harmony header and the grammar as is.
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
 
 
@@ -191,7 +193,7 @@ class ChatMessage(_Part):
 
 
 class FunctionDef(_Part):
-    name: str
+    name: ToolName
     description: str = ""
     parameters: dict | None = None
     strict: bool | None = None  # arguments always fit `parameters` here, strict or not
@@ -229,7 +231,7 @@ CustomToolFormat = Annotated[TextToolFormat | GrammarToolFormat, Field(discrimin
 class CustomDef(_Part):
     """A custom (freeform) tool: the model writes its input as text, following `format`'s grammar if any."""
 
-    name: str
+    name: ToolName
     description: str = ""
     format: CustomToolFormat | None = None
 
@@ -396,7 +398,7 @@ InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[Reasoni
 
 class FunctionToolSpec(_Part):
     type: Literal["function"]
-    name: str
+    name: ToolName
     description: str | None = ""
     parameters: dict | None = None
     strict: bool | None = None  # arguments always fit `parameters` here, strict or not
@@ -404,7 +406,7 @@ class FunctionToolSpec(_Part):
 
 class CustomToolSpec(_Part):
     type: Literal["custom"]
-    name: str
+    name: ToolName
     description: str | None = ""
     format: CustomToolFormat | None = None
 
@@ -416,9 +418,15 @@ class NamespaceToolSpec(_Part):
     """Functions under a namespace of their own: harmony renders it as one, the model calls NAMESPACE.NAME."""
 
     type: Literal["namespace"]
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+    name: ToolName
     description: str | None = ""
     tools: list[NamespacedTool] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _not_reserved(self) -> NamespaceToolSpec:
+        if self.name in ("browser", "python", "functions"):
+            raise ValueError(f"the namespace name {self.name!r} is harmony's own (functions, browser, python)")
+        return self
 
 
 class WebSearchFilters(_Part):
