@@ -27,6 +27,11 @@
 #include <unistd.h>
 #endif
 
+// How far ahead of a GEMV's weight stream the next bytes are prefetched. A decode step streams gigabytes
+// of weights in rows of a few KiB; the hardware prefetcher restarts at every row, and on AMD Zen 5 the
+// streams ran at about 0.65 of the read bandwidth without this (docs/benchmarks.md).
+constexpr int PREFETCH_BYTES = 4096;
+
 #ifdef GPTOSS_AVX512_VNNI
 // 8 activations -> 8 int8 steps of absmax / 127 (in qi, as int32; round to nearest, ties to even);
 // returns absmax. Both int8 kernels quantize their activations through this, 8 values at a time.

@@ -145,8 +145,10 @@ void row_vnni(const Problem& p, int64_t row, const QuantizedRow* const* xq, floa
     }
   };
   const int64_t full = p.groups / 4, tail = p.groups % 4;
-  for (int64_t st = 0; st < full; ++st)
+  for (int64_t st = 0; st < full; ++st) {
+    _mm_prefetch(reinterpret_cast<const char*>(blocks + st * 64 + PREFETCH_BYTES), _MM_HINT_T0);
     step(st, _mm512_loadu_si512(blocks + st * 64), _mm_loadu_si32(scales + st * 4));
+  }
   if (tail)  // the row's last, partial step: missing blocks read as zero weights (and zero activations)
     step(full, _mm512_maskz_loadu_epi8((__mmask64(1) << (16 * tail)) - 1, blocks + full * 64),
          _mm_maskz_loadu_epi8((__mmask16(1) << tail) - 1, scales + full * 4));
