@@ -10,9 +10,10 @@ offered, preambles on the commentary channel, then the ending the request asks f
 A JSON answer fits the request's schema (`response_format`, Responses `text.format`), a call's ARGS
 always fit that tool's `parameters` schema (a freeform tool's text its lark or regex grammar, if it has
 one), and `tool_choice` "required" or a named tool removes the final answer from the endings. Calls of
-the built-in tools (browser, python) have headers of their own (`_call_header`). llguidance is made for this: it compiles a schema in milliseconds,
-computes the mask of allowed tokens over all 201,088 in about 0.2 ms a token (benchmarks/grammar_engines.py
-compares it with xgrammar), and reads harmony's special tokens inside the grammar.
+the built-in tools (browser, python) have headers of their own (`_call_header`). llguidance is made for
+this: it compiles a schema in milliseconds, computes the mask of allowed tokens over all 201,088 in about
+0.2 ms a token (benchmarks/grammar_engines.py compares it with xgrammar), and reads harmony's special
+tokens inside the grammar.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _call_header(tool: FunctionTool) -> str:
     content type."""
     to = f'" to={tool.recipient}"'
     if not tool.builtin:
-        return f'<|channel|> "commentary to={tool.recipient}" ' + ("" if tool.text_input else '" " <|constrain|> "json"')
+        constrain = "" if tool.text_input else '" " <|constrain|> "json"'
+        return f'<|channel|> "commentary to={tool.recipient}" ' + constrain
     channel = '("analysis" | "commentary")'
     return f'(<|channel|> {channel} {to} | {to} <|channel|> {channel}) (" code")?'
 

@@ -130,7 +130,8 @@ class Chat:
     def __init__(self, *, reasoning_effort: str = "medium", knowledge_cutoff: str = "2024-06",
                  current_date: str | None = None, developer_instructions: str | None = None,
                  tools: Iterable[FunctionTool] = (), response_format: ResponseFormat | None = None,
-                 builtin_tools: Iterable[ToolNamespaceConfig] = (), namespace_descriptions: dict[str, str] | None = None):
+                 builtin_tools: Iterable[ToolNamespaceConfig] = (),
+                 namespace_descriptions: dict[str, str] | None = None):
         if reasoning_effort not in REASONING_EFFORTS:
             raise GptossError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}, "
                               f"got {reasoning_effort!r}")

@@ -21,6 +21,7 @@ from gptoss.cli.options import (add_builtin_tool_options, add_kv_memory_option, 
 from gptoss.errors import GptossError
 from gptoss.generation.cache import KVCache
 from gptoss.generation.generate import stream
+from gptoss.generation.speculative import Speculation
 from gptoss.tools.browser import Browser
 from gptoss.tools.builtin import BuiltinTools
 from gptoss.tools.python_sandbox import PythonSandbox
@@ -52,11 +53,10 @@ def run(args) -> int:
     def new_chat() -> Chat:
         return Chat(reasoning_effort=args.reasoning, developer_instructions=args.system, builtin_tools=tools.configs())
 
-    args.speculation = speculation(args)
     chat = new_chat()
     print(f"{DIM}gptoss chat: /reset clears the conversation, /exit leaves{RESET}", flush=True)
     try:
-        converse(model, chat, new_chat, tools, rules, cache, params, args)
+        converse(model, chat, new_chat, tools, rules, cache, params, speculation(args), args)
     finally:
         if tools.python is not None:
             tools.python.close()
@@ -64,8 +64,9 @@ def run(args) -> int:
 
 
 def converse(model, chat: Chat, new_chat, tools: BuiltinTools, rules: OutputRules | None, cache: KVCache, params,
-             args) -> None:
-    """The read-answer loop, until /exit or the end of input."""
+             drafts: Speculation | None, args) -> None:
+    """The read-answer loop, until /exit or the end of input. `drafts`: --speculate's state, kept across
+    turns so that its draft length adapts."""
     while True:
         try:
             line = input("> ").strip()
@@ -88,7 +89,7 @@ def converse(model, chat: Chat, new_chat, tools: BuiltinTools, rules: OutputRule
             while True:  # one completion, and one more after each call of a built-in tool
                 parser, generated = StreamParser(), []
                 for token in stream(model, prompt, args.max_tokens - count, params, stop_tokens=stop_tokens(),
-                                    cache=cache, rules=rules, speculation=args.speculation):
+                                    cache=cache, rules=rules, speculation=drafts):
                     generated.append(token)
                     for event in parser.feed(token):
                         show(event, args.show_reasoning)

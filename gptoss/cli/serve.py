@@ -67,8 +67,9 @@ def run(args) -> int:
           f"{cache.page_size} tokens), prefix reuse {'off' if args.no_prefix_cache else 'on'}", file=sys.stderr)
     store = ResponseStore(args.store_path or default_store_path(), parse_bytes(args.store_size, "--store-size"))
     print(f"gptoss serve: stored responses in {store.path}", file=sys.stderr)
-    print(f"gptoss serve: web_search {'through the browser over ' + args.browser_backend if hosted.browser_backend else 'off'}"
-          f", code_interpreter {'through the python sandbox' if hosted.python else 'off'}", file=sys.stderr)
+    web_search = f"through the browser over {args.browser_backend}" if hosted.browser_backend else "off"
+    code_interpreter = "through the python sandbox" if hosted.python else "off"
+    print(f"gptoss serve: web_search {web_search}, code_interpreter {code_interpreter}", file=sys.stderr)
     app = create_app(engine, name, store, api_key=args.api_key, request_timeout=args.request_timeout,
                      max_body_bytes=parse_bytes(args.max_body, "--max-body"), hosted=hosted)
     # uvicorn handles SIGTERM: it stops accepting, lets running requests finish for the grace period, then

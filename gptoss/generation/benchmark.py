@@ -44,16 +44,21 @@ def matmul_flops_per_token(cfg) -> int:
     return 2 * (cfg.num_layers * (attention + H * cfg.num_experts + experts) + cfg.vocab_size * H)
 
 
+def _best_seconds(work, repeats: int) -> float:
+    """The fastest of `repeats` runs of `work()`: the machine at its least disturbed."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def read_bandwidth_gb_s(nbytes: int = 2**30, repeats: int = 5) -> float:
     """The machine's read bandwidth as torch sees it: the best of `repeats` sums over a float32 tensor of
     `nbytes` (1 GiB: far past every cache), in GB/s."""
     data = torch.ones(nbytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best / 1e9
+    return nbytes / _best_seconds(data.sum, repeats) / 1e9
 
 
 def gemm_tflop_s(rows: int = 512, inner: int = 2880, outer: int = 5760, repeats: int = 5) -> float:
@@ -61,12 +66,7 @@ def gemm_tflop_s(rows: int = 512, inner: int = 2880, outer: int = 5760, repeats:
     (2880 -> 5760, an expert's gate and up): the best of `repeats`, in TFLOP/s."""
     x, w = torch.randn(rows, inner).bfloat16(), torch.randn(outer, inner).bfloat16()
     torch.nn.functional.linear(x, w)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - start)
-    return 2 * rows * inner * outer / best / 1e12
+    return 2 * rows * inner * outer / _best_seconds(lambda: torch.nn.functional.linear(x, w), repeats) / 1e12
 
 
 @torch.inference_mode()

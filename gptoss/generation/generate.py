@@ -186,7 +186,8 @@ def generate(model: Transformer, prompt_ids, max_new_tokens: int, temperature: f
     params = SamplingParams(temperature, top_k, top_p, min_p, seed)
     stop = model.generation_config.eos_token_ids if stop_tokens is None else stop_tokens
     if speculate and _is_single(prompt_ids):
-        return list(stream(model, prompt_ids, max_new_tokens, params, stop, chunk, cache, rules, Speculation(speculate)))
+        return list(stream(model, prompt_ids, max_new_tokens, params, stop, chunk, cache, rules,
+                           Speculation(speculate)))
     prompts = _as_batch(prompt_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in stream_batch(model, prompts, max_new_tokens, params, stop, chunk, cache, rules):

@@ -477,7 +477,8 @@ async def responses(body: ResponsesRequest, s: ServedDep, http: Request):
             if room < 1:
                 generation.finish_reason = "length"
                 return
-            choice.generation = s.generation(prompt_next, room, params, stop_tokens(), later_rules, top, started=started)
+            choice.generation = s.generation(prompt_next, room, params, stop_tokens(), later_rules, top,
+                                             started=started)
             generations.append(choice.generation)
             output.next_round()
 

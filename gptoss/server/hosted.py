@@ -56,8 +56,8 @@ class HostedTools:
                                     f"({backend.name}) reads the web, so the tool was not offered to the model")
                 else:
                     domains = spec.filters.allowed_domains if spec.filters else None
-                    tools.browser = Browser(FilteredBackend(backend, domains,
-                                                            RESULTS_FOR_CONTEXT_SIZE[spec.search_context_size or "medium"]))
+                    results = RESULTS_FOR_CONTEXT_SIZE[spec.search_context_size or "medium"]
+                    tools.browser = Browser(FilteredBackend(backend, domains, results))
             elif isinstance(spec, CodeInterpreterToolSpec):
                 if self.python is None:
                     warnings.append("code_interpreter: the python tool is off on this server (gptoss serve "

@@ -380,9 +380,9 @@ class ResponsesOutput(Output):
     def _text_delta(self, text: str, cite: bool = True) -> list[dict]:
         """Answer text; with citations, the text they become and their annotations."""
         annotations = []
-        if self.citations is not None and cite:
-            text, annotations = self.citations.feed(text, len(self.items[-1]["content"][0]["text"]))
         part = self.items[-1]["content"][0]
+        if self.citations is not None and cite:
+            text, annotations = self.citations.feed(text, part["text"])
         events = []
         if text:
             part["text"] += text
@@ -459,7 +459,6 @@ class ResponsesOutput(Output):
         self.pending_call = None
         return [self._done()]
 
-
     def items_to_store(self) -> list[dict]:
         """The items as a later turn (previous_response_id) needs them: python's answers included."""
         return [{**item, "outputs": [{"type": "logs", "logs": self.code_logs[item["id"]]}]}
@@ -487,11 +486,11 @@ class Citations:
     annotations as they stream: text from an opening 【 is held back until its 】 arrives."""
 
     def __init__(self, cite: Callable[[str], tuple[str, list[dict]]]):
-        self.cite, self.held, self.last = cite, "", ""
+        self.cite, self.held = cite, ""
 
-    def feed(self, text: str, offset: int) -> tuple[str, list[dict]]:
-        """The text that is safe to send now (`offset`: the length of the answer's text sent before it),
-        and the annotations within it, indexed into the whole answer."""
+    def feed(self, text: str, sent: str) -> tuple[str, list[dict]]:
+        """The text that is safe to send now after the answer's text `sent` so far, and the annotations
+        within it, indexed into the whole answer."""
         text = self.held + text
         out, annotations, self.held = "", [], ""
         while text:
@@ -503,13 +502,12 @@ class Citations:
             else:
                 out += text[:start]
                 # With the character before it, so the citation's text knows whether a space precedes it.
-                before = (self.last + out)[-1:]
+                before = (sent + out)[-1:]
                 cited, found = self.cite(before + text[start:end + 1])
-                cited, shift = cited[len(before):], offset + len(out) - len(before)
+                cited, shift = cited[len(before):], len(sent) + len(out) - len(before)
                 annotations += [{**a, "start_index": a["start_index"] + shift, "end_index": a["end_index"] + shift}
                                 for a in found]
                 out, text = out + cited, text[end + 1:]
-        self.last = (self.last + out)[-1:]
         return out, annotations
 
     def flush(self) -> str:

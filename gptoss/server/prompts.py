@@ -9,8 +9,7 @@ import binascii
 from gptoss.chat.grammar import ANY_OBJECT, OutputRules
 from gptoss.chat.harmony import FUNCTIONS, Chat, FunctionTool, ResponseFormat, TextInput
 from gptoss.server.errors import APIError
-from gptoss.server.schemas import (ChatCompletionRequest, CustomToolFormat, MessageItem, NamespaceToolSpec,
-                                   ResponsesRequest, text_of)
+from gptoss.server.schemas import ChatCompletionRequest, MessageItem, NamespaceToolSpec, ResponsesRequest, text_of
 from gptoss.tools.builtin import BROWSER, PYTHON, BuiltinTools
 
 
@@ -50,9 +49,14 @@ def answer_format(kind: str | None, name: str, schema: dict | None, description:
     return ResponseFormat(name, schema, description)
 
 
-def text_input(format: CustomToolFormat | None) -> TextInput:
-    """A custom tool's input: any text, or text its lark or regex grammar accepts."""
-    return TextInput() if format is None or format.type == "text" else TextInput(format.syntax, format.definition)
+def declared_tool(kind: str, spec, namespace: str = FUNCTIONS) -> FunctionTool:
+    """A tool the request declares: a function (JSON arguments fitting `parameters`) or, `kind` "custom",
+    a freeform tool whose input is text, any or what its lark or regex grammar (`format`) accepts."""
+    if kind == "function":
+        return FunctionTool(spec.name, spec.description or "", spec.parameters, namespace)
+    format = spec.format
+    text = TextInput() if format is None or format.type == "text" else TextInput(format.syntax, format.definition)
+    return FunctionTool(spec.name, spec.description or "", namespace=namespace, text_input=text)
 
 
 class _ToolCalls:
@@ -85,9 +89,7 @@ class _ToolCalls:
 def chat_from_messages(body: ChatCompletionRequest) -> tuple[Chat, OutputRules]:
     """System and developer messages become harmony's developer instructions; the rest become turns."""
     instructions = [text_of(m.content) for m in body.messages if m.role in ("system", "developer")]
-    tools = [FunctionTool(t.function.name, t.function.description, t.function.parameters) if t.type == "function"
-             else FunctionTool(t.custom.name, t.custom.description, text_input=text_input(t.custom.format))
-             for t in body.tools or []]
+    tools = [declared_tool(t.type, getattr(t, t.type)) for t in body.tools or []]
     f = body.response_format
     schema = f.json_schema if f is not None and f.json_schema is not None else None
     answer = answer_format(f and f.type, schema.name if schema else "response", schema and schema.schema_,
@@ -121,15 +123,11 @@ def developer_tools(body: ResponsesRequest) -> tuple[list[FunctionTool], dict[st
     """The request's function, custom and namespace tools, and the namespaces' descriptions."""
     tools, descriptions = [], {}
     for spec in body.tools or []:
-        namespace = FUNCTIONS
         if isinstance(spec, NamespaceToolSpec):
-            namespace, descriptions[spec.name] = spec.name, spec.description or ""
-        for t in spec.tools if isinstance(spec, NamespaceToolSpec) else [spec]:
-            if t.type == "function":
-                tools.append(FunctionTool(t.name, t.description or "", t.parameters, namespace))
-            elif t.type == "custom":
-                tools.append(FunctionTool(t.name, t.description or "", namespace=namespace,
-                                          text_input=text_input(t.format)))
+            descriptions[spec.name] = spec.description or ""
+            tools += [declared_tool(t.type, t, spec.name) for t in spec.tools]
+        elif spec.type in ("function", "custom"):
+            tools.append(declared_tool(spec.type, spec))
     return tools, descriptions
 
 

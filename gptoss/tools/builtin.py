@@ -47,7 +47,8 @@ class FilteredBackend:
     a search, and only pages of `allowed_domains` (and their subdomains) when given."""
 
     def __init__(self, backend: Backend, allowed_domains: list[str] | None = None, max_results: int | None = None):
-        self.backend, self.allowed, self.max_results = backend, [d.lower().strip(".") for d in allowed_domains or []], max_results
+        self.backend, self.max_results = backend, max_results
+        self.allowed = [d.lower().strip(".") for d in allowed_domains or []]
         self.name, self.external = backend.name, backend.external
 
     def allows(self, url: str) -> bool:
