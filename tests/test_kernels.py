@@ -93,13 +93,19 @@ def test_moe_matmul_extreme_scales(kernels, scale, x_scale):
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
-@pytest.mark.parametrize("N,K", [(37, 2880), (8, 100), (5, 31)])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("N,K", [(37, 2880), (8, 100), (5, 31), (32, 64)])
 def test_linear_bf16_is_correctly_rounded(kernels, M, N, K):
-    """The GEMV kernel (M <= 4 rows) accumulates in fp32 and rounds once, as F.linear does: every output
-    is the bf16 rounding of the fp32 sum up to fp32 summation order, so within one bf16 step."""
+    """The GEMV kernel accumulates in fp32 and rounds once, as F.linear does: every output is the bf16
+    rounding of the fp32 sum up to fp32 summation order, so within one bf16 step. Up to 4 rows vdpbf16ps;
+    5 to 16 rows AMX tiles, where the CPU has them and K is a multiple of 32 (N = 37: a last tile of 5
+    rows), else a clear refusal."""
     g = torch.Generator().manual_seed(M * 1000 + N)
     x, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((M, K), (N, K), (N,)))
+    if M > 4 and not (kernels.has_amx() and K % 32 == 0):
+        with pytest.raises(RuntimeError, match="more than 4 rows need AMX"):
+            kernels.linear_bf16(x, w, b)
+        return
     for bias in (b, None):
         truth = x.double() @ w.double().T + (0 if bias is None else bias.double())
         got = kernels.linear_bf16(x, w, bias)
@@ -107,6 +113,21 @@ def test_linear_bf16_is_correctly_rounded(kernels, M, N, K):
         ulp = torch.finfo(torch.bfloat16).eps * truth.abs().clamp(min=1e-3)
         assert ((got.double() - truth).abs() <= ulp).all()
         assert (got == truth.bfloat16()).float().mean() > 0.95
+
+
+def test_linear_bf16_rows_do_not_depend_on_the_batch(kernels):
+    """Each row of a GEMV of up to 4 rows is that row's one-row GEMV bit for bit (a speculative pass of up
+    to 4 tokens computes each position as a decode step would); the AMX tiles (5 to 8 rows) sum in an
+    order of their own, the same for every M."""
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(8, 2880, generator=g).bfloat16(), torch.randn(50, 2880, generator=g).bfloat16(), torch.randn(50, generator=g).bfloat16()
+    alone = torch.cat([kernels.linear_bf16(x[m:m + 1], w, b) for m in range(4)])
+    for M in range(2, 5):
+        assert torch.equal(kernels.linear_bf16(x[:M], w, b), alone[:M])
+    if kernels.has_amx():
+        tiles = kernels.linear_bf16(x, w, b)
+        for M in range(5, 8):
+            assert torch.equal(kernels.linear_bf16(x[:M], w, b), tiles[:M])
 
 
 def fused_experts(experts, x, ids, w):

@@ -25,6 +25,13 @@
 #define GPTOSS_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
+
+// The 64-byte operand of ldtilecfg (palette 1): bytes per row and rows of each of the 8 tiles.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
 #endif
 
 // How far ahead of a GEMV's weight stream the next bytes are prefetched. A decode step streams gigabytes

@@ -1,6 +1,7 @@
-// Dense GEMVs for the CPU: `linear_bf16`, a bf16 GEMV for a few rows of activations against [out, in] weights
-// (attention projections and unembedding at decode), streaming each weight row once with vdpbf16ps;
-// `linear_int8`, the same for the optional int8 format of those layers; and `dequantize_int8` for prefill.
+// Dense GEMVs for the CPU: `linear_bf16`, a bf16 GEMV for a few rows of activations against [out, in]
+// weights (attention projections and unembedding at decode, a small server batch), streaming each weight
+// row once with vdpbf16ps, and from 5 rows in AMX tiles where the CPU has them; `linear_int8`, the same
+// for the optional int8 format of those layers; and `dequantize_int8` for prefill.
 
 #include "common.h"
 
@@ -37,27 +38,83 @@ void gemv_tile(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t 
 }
 #endif
 
+#ifdef GPTOSS_AMX
+// Where the CPU has AMX, the GEMV of 5 to 16 rows is y^T = W x^T in tiles: A = 16 weight rows x 32
+// values of K, loaded straight from the weights (a row stride of K), B = the same 32 values of the M
+// activation rows in the pair-interleaved layout TDPBF16PS wants (packed once), C = 16 weight rows x M in
+// fp32, over all of K.
+// One instruction does 16 x M x 32 products where vdpbf16ps does M x 32 for one row: past 4 rows the
+// vdpbf16ps loop is bound by its instructions, the tiles still by memory. Each row of C is summed in the
+// same order whatever M is (but not in vdpbf16ps's order). Needs K % 32 == 0; a last tile of fewer than
+// 16 weight rows goes through a zero-padded copy.
+void gemv_amx(const at::BFloat16* x, const at::BFloat16* w, int64_t M, int64_t K, int64_t N,
+              const at::BFloat16* bias, at::BFloat16* y) {
+  const int64_t groups = K / 32, tiles = (N + 15) / 16;
+  std::vector<at::BFloat16> packed(groups * 16 * M * 2);  // [K/32][16 pairs][M][2]
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) packed[((k / 32 * 16 + (k % 32) / 2) * M + m) * 2 + k % 2] = x[m * K + k];
+  std::vector<at::BFloat16> tail;  // the last tile's rows, zero-padded to 16
+  if (N % 16) {
+    tail.assign(16 * K, at::BFloat16(0.0f));
+    std::memcpy(tail.data(), w + (N - N % 16) * K, N % 16 * K * sizeof(at::BFloat16));
+  }
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    TileConfig config;  // tmm0 = C [16 x M fp32], tmm1 = A [16 x 32 bf16], tmm2 = B [16 pairs x M x 2 bf16]
+    config.rows[0] = config.rows[1] = config.rows[2] = 16;
+    config.colsb[0] = config.colsb[2] = uint16_t(M * 4);
+    config.colsb[1] = 64;
+    _tile_loadconfig(&config);
+    alignas(64) float c[16 * 16];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t r0 = tile * 16;
+      const bool short_tile = r0 + 16 > N;
+      const at::BFloat16* a = short_tile ? tail.data() : w + r0 * K;
+      _tile_zero(0);
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int i = 0; i < 16; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(a + i * K + g * 32) + PREFETCH_BYTES, _MM_HINT_T0);
+        _tile_loadd(1, a + g * 32, K * 2);
+        _tile_loadd(2, packed.data() + g * 32 * M, M * 4);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, c, M * 4);
+      for (int64_t i = 0; i < std::min<int64_t>(16, N - r0); ++i)
+        for (int64_t m = 0; m < M; ++m)
+          y[m * N + r0 + i] = at::BFloat16(c[i * M + m] + (bias ? float(bias[r0 + i]) : 0.0f));
+    }
+    _tile_release();
+  });
+}
+#endif
+
 }  // namespace
 
-// x [M, K] bf16 (M <= 4), weight [N, K] bf16, bias [N] bf16 or None -> [M, N] bf16, like F.linear:
-// fp32 accumulation, the bias added in fp32, one rounding. torch's GEMV streams bf16 weights at well
+// x [M, K] bf16 (M <= 4, or up to 16 where AMX runs), weight [N, K] bf16, bias [N] bf16 or None -> [M, N]
+// bf16, like F.linear: fp32 accumulation, the bias added in fp32, one rounding. torch's GEMV streams bf16 weights at well
 // under the memory bandwidth on some CPUs; this reads each weight row once, for all M rows of x.
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.is_cpu() && weight.is_cpu() && x.scalar_type() == torch::kBFloat16 &&
               weight.scalar_type() == torch::kBFloat16, "linear_bf16: bf16 CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(0) <= 4,
-              "linear_bf16: x [M <= 4, K] and weight [N, K]");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) && x.size(0) <= 16,
+              "linear_bf16: x [M <= 16, K] and weight [N, K]");
   x = x.contiguous();
   weight = weight.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   torch::Tensor b = bias.has_value() ? bias->to(torch::kBFloat16).contiguous() : torch::Tensor();
   TORCH_CHECK(!b.defined() || b.numel() == N, "linear_bf16: bias must be [N]");
+  TORCH_CHECK(M <= 4 || (K % 32 == 0 && amx_available()), "linear_bf16: more than 4 rows need AMX and K a multiple of 32");
   auto y = torch::empty({M, N}, x.options());
 #ifdef GPTOSS_AVX512_BF16
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
   const at::BFloat16* bp = b.defined() ? b.data_ptr<at::BFloat16>() : nullptr;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+#ifdef GPTOSS_AMX
+  if (M > 4) {
+    gemv_amx(xp, wp, M, K, N, bp, yp);
+    return y;
+  }
+#endif
   at::parallel_for(0, (N + ROWS - 1) / ROWS, 16, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r = tile * ROWS;

@@ -11,7 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("blocks"), py::arg("scales"), py::arg("bias"), py::arg("offsets"), py::arg("amx_min_slots") = never,
         py::arg("gemm_min_slots") = never);
   m.def("moe_experts", &moe_experts, "GPT-OSS MoE experts: grouped MXFP4 matmuls, clamped SwiGLU, weighted sum");
-  m.def("linear_bf16", &linear_bf16, "bf16 GEMV for up to 4 rows of x");
+  m.def("linear_bf16", &linear_bf16, "bf16 GEMV for up to 4 rows of x, up to 16 where AMX runs");
   m.def("linear_int8", &linear_int8, "int8-block GEMV for up to 4 rows of x");
   m.def("attend_decode", &attend_decode, "attention with sinks and a window for a few bf16 queries");
   m.def("dequantize_int8", &dequantize_int8, "int8-block weight as bf16 [N, K]");

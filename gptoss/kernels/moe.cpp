@@ -246,12 +246,6 @@ bool amx_available() { return amx_granted(); }
 
 namespace {
 
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 constexpr int TILE = 16;        // rows of A and C, slots of B and C
 constexpr int SLOT_TILES = 4;   // C tiles (tmm0..3) accumulated at once; tmm4 = A, tmm5 = B
 

@@ -10,8 +10,8 @@ kernels are switched on for the caller (`using_kernels`; `Transformer.forward` s
 own setting, so a model loaded with `kernels=False` runs the reference throughout):
 
 - linear: bf16 activations with at most GEMV_MAX_ROWS rows (decode) take the bf16 or int8 GEMV kernel,
-  which streams each weight row once; more rows (prefill) take torch's GEMM, int8 weights dequantized
-  to bf16 by the kernel first.
+  which streams each weight row once (bf16 with AMX: up to AMX_GEMV_MAX_ROWS rows); more rows (prefill)
+  take torch's GEMM, int8 weights dequantized to bf16 by the kernel first.
 - experts: MXFP4 weights with biases and the clamped SwiGLU (GPT-OSS as published), bf16 or fp32
   activations: the whole step in one C++ call. fp32 activations take its exact fp32 loop; bf16 ones
   its VNNI loop (activations rounded to int8 per 8 values), except for experts with many slots in the
@@ -35,8 +35,12 @@ from gptoss.kernels.experts import Activation, ExpertWeight, experts_reference
 from gptoss.quant.int8 import Int8Weight
 from gptoss.quant.mxfp4 import MXFP4Weight
 
-# Rows of activations up to which a linear layer is a GEMV (one decode step of a small batch).
+# Rows of activations up to which a bf16 or int8 linear layer is a GEMV (a decode step of a small batch, a
+# speculative pass): the kernel reads each weight once for all rows, where torch's GEMM streams slower.
+# Where the CPU has AMX (and K is a multiple of 32) a bf16 layer stays a GEMV up to AMX_GEMV_MAX_ROWS, the
+# rows past GEMV_MAX_ROWS in AMX tiles (docs/benchmarks.md: 1.2-1.4x torch's GEMM at 6 and 8 rows).
 GEMV_MAX_ROWS = 4
+AMX_GEMV_MAX_ROWS = 8
 # Queries per KV head row from which torch's fused flash kernel beats the explicit recurrence on the CPU.
 FLASH_MIN_QUERIES = 16
 # Slots of one expert in a step (bf16 models) from which the VNNI loop, whose work grows with the slots,
@@ -76,7 +80,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tenso
             return F.linear(x, kernels.dequantize_int8(weight.values, weight.scales), bias)
         return kernels.linear_int8(x.reshape(rows, x.shape[-1]), weight.values, weight.scales,
                                    bias).view(*x.shape[:-1], weight.values.shape[0])
-    if not fast or rows > GEMV_MAX_ROWS or weight.dtype != torch.bfloat16:
+    gemv_rows = AMX_GEMV_MAX_ROWS if fast and x.shape[-1] % 32 == 0 and kernels.has_amx() else GEMV_MAX_ROWS
+    if not fast or rows > gemv_rows or weight.dtype != torch.bfloat16:
         return F.linear(x, weight, bias)
     return kernels.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
