@@ -11,10 +11,10 @@ PACKAGE = Path(gptoss.__file__).parent
 LAYERS = [
     {"errors"},
     {"quant"},
-    {"kernels"},
+    {"kernels", "distributed"},
     {"model", "chat"},
     {"weights", "analysis"},
-    {"generation", "tools"},
+    {"generation", "tools", "nano"},
     {"server"},
     {"cli"},
 ]

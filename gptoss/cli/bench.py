@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 
-from gptoss.cli.options import DTYPES, add_model_options, parse_ints
+from gptoss.cli.options import DTYPES, add_model_options, load_for_ranks, parse_ints
 from gptoss.generation.benchmark import (bytes_per_decoded_token, decode_seconds, gemm_tflop_s,
                                         matmul_flops_per_token, pass_seconds, prefill_seconds, read_all_weights,
                                         read_bandwidth_gb_s)
 from gptoss.generation.cache import PREFILL_CHUNK
 from gptoss.kernels import cpu_kernels
-from gptoss.weights.checkpoint import load_model
 from gptoss.weights.hub import resolve_model
 
 
@@ -70,7 +69,7 @@ def run_benchmark(path, prompt_lens: list[int], gen: int, threads: int | None = 
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = load_model(path, dtype=dtype, kernels=kernels, int8_dense=int8_dense)
+    model = load_for_ranks(path, speculate, dtype=dtype, kernels=kernels, int8_dense=int8_dense)
     map_s = time.perf_counter() - start
     read_all_weights(model)
     load_s = time.perf_counter() - start

@@ -36,6 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium", help="reasoning effort")
     p.add_argument("--show-reasoning", action="store_true", help="print the model's reasoning, dimmed")
     p.add_argument("--system", help="developer instructions (harmony's developer message)")
+    p.add_argument("--prompt", help="answer this one message and exit, instead of reading turns from the terminal")
     add_kv_memory_option(p)
     add_builtin_tool_options(p)
     p.set_defaults(func=run)
@@ -46,7 +47,7 @@ def run(args) -> int:
     model = load_from_args(args)
     params = sampling_params(args, model.generation_config)
     cache = KVCache.for_bytes(model.config, kv_memory(args, model, 1, model.config.max_context), dtype=model.dtype,
-                              device=model.device)
+                              device=model.device, kv_heads=model.kv_heads)
     tools = BuiltinTools(Browser(backend) if backend else None, PythonSandbox(limits) if limits else None)
     rules = OutputRules(tools=tuple(tools.functions())) if tools.functions() else None
 
@@ -54,9 +55,13 @@ def run(args) -> int:
         return Chat(reasoning_effort=args.reasoning, developer_instructions=args.system, builtin_tools=tools.configs())
 
     chat = new_chat()
-    print(f"{DIM}gptoss chat: /reset clears the conversation, /exit leaves{RESET}", flush=True)
+    if args.prompt is None:
+        print(f"{DIM}gptoss chat: /reset clears the conversation, /exit leaves{RESET}", flush=True)
+        lines = iter(lambda: input("> "), None)  # until input() raises EOFError
+    else:
+        lines = iter([args.prompt])
     try:
-        converse(model, chat, new_chat, tools, rules, cache, params, speculation(args), args)
+        converse(model, chat, new_chat, tools, rules, cache, params, speculation(args), args, lines)
     finally:
         if tools.python is not None:
             tools.python.close()
@@ -64,14 +69,15 @@ def run(args) -> int:
 
 
 def converse(model, chat: Chat, new_chat, tools: BuiltinTools, rules: OutputRules | None, cache: KVCache, params,
-             drafts: Speculation | None, args) -> None:
-    """The read-answer loop, until /exit or the end of input. `drafts`: --speculate's state, kept across
-    turns so that its draft length adapts."""
+             drafts: Speculation | None, args, lines) -> None:
+    """The read-answer loop over the user's `lines`, until /exit or their end. `drafts`: --speculate's state,
+    kept across turns so that its draft length adapts."""
     while True:
         try:
-            line = input("> ").strip()
-        except EOFError:
-            print()
+            line = next(lines).strip()
+        except (EOFError, StopIteration):
+            if args.prompt is None:
+                print()
             return
         if line == "/exit":
             return

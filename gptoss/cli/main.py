@@ -6,13 +6,13 @@ import argparse
 import sys
 
 from gptoss.errors import GptossError
-from gptoss.cli import bench, chat, checkpoint_commands, compare, generate, kv_cache, serve, study
+from gptoss.cli import bench, chat, checkpoint_commands, compare, generate, kv_cache, serve, study, train_nano
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="GPT-OSS models in plain PyTorch")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (checkpoint_commands, generate, kv_cache, chat, serve, bench, compare, study):
+    for module in (checkpoint_commands, generate, kv_cache, chat, serve, bench, compare, study, train_nano):
         module.register(subparsers)
     return parser
 

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from gptoss.distributed import Parallel
 from gptoss.errors import GptossError
 from gptoss.generation.cache import allocated_kv_bytes
 from gptoss.generation.sampling import SamplingParams, with_defaults
@@ -19,8 +20,9 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def add_model_options(p) -> None:
-    p.add_argument("--model", help="local directory (Hugging Face or original/ layout) or a Hugging Face id such as "
-                                   "openai/gpt-oss-20b; default: a small random-weight checkpoint made on first use")
+    p.add_argument("--model", help="local directory (Hugging Face or original/ layout), a Hugging Face id such as "
+                                   "openai/gpt-oss-20b, or random-small (random weights, made on first use); "
+                                   "default: the embedded nano model (docs/nano.md)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="dense weights and activations (default: as stored)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--int8", action="store_true", help="hold the attention projections and the unembedding in int8 "
@@ -57,8 +59,30 @@ def sampling_params(args, defaults: GenerationConfig) -> SamplingParams:
 def load_from_args(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(resolve_model(args.model), dtype=DTYPES[args.dtype], progress=sys.stderr.isatty(),
-                      int8_dense=args.int8)
+    return load_for_ranks(resolve_model(args.model), getattr(args, "speculate", 0), dtype=DTYPES[args.dtype],
+                          progress=sys.stderr.isatty(), int8_dense=args.int8)
+
+
+def load_for_ranks(path, speculate: int = 0, **options):
+    """`load_model`, or launched by torchrun (WORLD_SIZE > 1) this rank's part of the model: rank 0 gets
+    a `Driver` to run the command with, every other rank follows rank 0's forward passes here until it
+    stops, then exits (see gptoss/generation/lockstep.py). speculate: the command's --speculate, which
+    cannot run across ranks (a draft's cache truncation copies pages that the followers do not replay)."""
+    from gptoss.generation.lockstep import Driver, follow
+
+    parallel = Parallel.from_environment()
+    if parallel.size == 1:
+        return load_model(path, **options)
+    if speculate:
+        raise GptossError("--speculate does not run across ranks (its cache truncation is not replayed on them)")
+    if parallel.rank:
+        options["progress"] = False
+    model = load_model(path, device=parallel.device, parallel=parallel, **options)
+    if parallel.rank == 0:
+        return Driver(model, parallel)
+    follow(model, parallel)
+    parallel.close()
+    raise SystemExit(0)
 
 
 def parse_list(text: str, option: str) -> list[str]:

@@ -75,7 +75,8 @@ def prefill_seconds(model: Transformer, length: int, chunk: int, seed: int = 0,
     """Seconds to prefill `length` random tokens, and the sequence in its cache and the last logits, with
     `room` tokens left in the cache to decode."""
     ids = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-    cache = KVCache.for_tokens(model.config, length + room, chunk=chunk, dtype=model.dtype, device=model.device)
+    cache = KVCache.for_tokens(model.config, length + room, chunk=chunk, dtype=model.dtype, device=model.device,
+                               kv_heads=model.kv_heads)
     sequence = cache.sequence()
     start = time.perf_counter()
     for s in range(0, length, chunk):

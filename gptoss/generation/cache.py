@@ -113,7 +113,10 @@ class KVCache:
     """The page pool. `sequence()` starts a sequence in it, `batch()` makes the cache of one forward pass."""
 
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int = PAGE_SIZE, chunk: int = PREFILL_CHUNK,
-                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", prefix_reuse: bool = True):
+                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", prefix_reuse: bool = True,
+                 kv_heads: int | None = None):
+        """kv_heads: the KV heads whose keys and values the pages hold (default all; a rank of a split
+        model, `Transformer.kv_heads`, caches only its own)."""
         if num_pages < 1 or page_size < 1:
             raise ContextError(f"a KV cache needs at least one page of at least one position, got {num_pages} "
                                f"pages of {page_size}")
@@ -124,7 +127,7 @@ class KVCache:
         size = len(self.groups[0].layers)
         # [layer within its group, page, slot, Hkv, D]; the last page is the null page, which pads
         # gathered rows and is never allocated.
-        shape = (size, num_pages + 1, page_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (size, num_pages + 1, page_size, kv_heads or cfg.num_kv_heads, cfg.head_dim)
         self.keys, self.values = _zeros_on_demand(shape, dtype, device), _zeros_on_demand(shape, dtype, device)
         self.positions = torch.full((num_pages + 1, page_size), -1, dtype=torch.long, device=device)
         self.null_page = num_pages
@@ -361,7 +364,7 @@ class PagedBatch:
         device, B = cache.positions.device, cache.page_size
         starts = torch.tensor([s.length for s in sequences], device=device)
         self.positions = starts[:, None] + torch.arange(count, device=device)          # [R, T]
-        self.writes, self.reads, self.key_positions = [], [], []
+        self.writes, self.reads, self.key_positions = [], [], None
         for g in range(len(cache.groups)):
             # Where each new token goes: slot page * B + offset of the flattened pool.
             table = torch.tensor(_padded([s.tables[g] for s in sequences], cache.null_page), device=device)
@@ -373,16 +376,36 @@ class PagedBatch:
             self.reads.append((pages[..., None] * B + torch.arange(B, device=device)).view(len(sequences), -1))
         self.last_layer = cache.cfg.num_layers - 1
 
+    @classmethod
+    def replay(cls, cache: KVCache, plan: dict) -> "PagedBatch":
+        """The pass that `plan()` describes, on another rank's pool of the same pages (which holds that rank's
+        KV heads and keeps no tables of its own): the same slots written and read."""
+        batch = cls.__new__(cls)
+        batch.cache, batch.sequences, batch.tokens = cache, [], []
+        batch.positions, batch.writes = plan["positions"], plan["writes"]
+        batch.reads, batch.key_positions = plan["reads"], plan["key_positions"]
+        batch.last_layer = cache.cfg.num_layers - 1
+        return batch
+
+    def plan(self) -> dict:
+        """What the pass does to the pool, as tensors (after `begin`): positions [R, T], and per group the
+        slots written [R * T], the slots read [R, S] and their positions [R, S]."""
+        return {"positions": self.positions, "writes": self.writes, "reads": self.reads,
+                "key_positions": self.key_positions}
+
     def next_positions(self, num_tokens: int) -> torch.Tensor:
         if num_tokens != self.positions.shape[1]:
             raise ValueError(f"the batch was made for {self.positions.shape[1]} new tokens, not {num_tokens}")
         return self.positions
 
     def begin(self, positions: torch.Tensor) -> None:
-        """Called once per forward with the new tokens' positions [R, T]."""
+        """Called before the forward with the new tokens' positions [R, T] (again by the forward: once
+        suffices)."""
         if not torch.equal(positions, self.positions):
             raise ValueError("positions do not continue the batch's sequences")
-        flat = self.cache.positions.view(-1)
+        if self.key_positions is not None:
+            return
+        flat, self.key_positions = self.cache.positions.view(-1), []
         for writes, reads in zip(self.writes, self.reads):
             flat[writes] = self.positions.reshape(-1)
             self.key_positions.append(flat[reads])

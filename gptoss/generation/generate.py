@@ -50,7 +50,7 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_t
     device = model.device
     if cache is None:
         cache = KVCache.for_tokens(model.config, longest + max_new_tokens, len(prompts), chunk=chunk,
-                                   dtype=model.dtype, device=device)
+                                   dtype=model.dtype, device=device, kv_heads=model.kv_heads)
     elif len(prompts) * pages_per_sequence(model.config, longest + max_new_tokens, cache.page_size,
                                            cache.chunk) > cache.num_pages:
         raise ContextError(f"{len(prompts)} prompt(s) of up to {longest} tokens plus {max_new_tokens} new tokens do not "
@@ -129,7 +129,8 @@ def _stream_speculative(model: Transformer, prompt: list[int], max_new_tokens: i
     # A pass may write a whole draft past the budget's last token before the cache is cut back.
     room = len(prompt) + max_new_tokens + speculation.max_draft
     if cache is None:
-        cache = KVCache.for_tokens(model.config, room, chunk=chunk, dtype=model.dtype, device=model.device)
+        cache = KVCache.for_tokens(model.config, room, chunk=chunk, dtype=model.dtype, device=model.device,
+                                   kv_heads=model.kv_heads)
     elif pages_per_sequence(model.config, room, cache.page_size, cache.chunk) > cache.num_pages:
         raise ContextError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens and a draft of "
                            f"{speculation.max_draft} do not fit the KV cache ({cache.num_pages} pages of "

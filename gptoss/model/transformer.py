@@ -5,9 +5,10 @@ so that loading is one loop over `state_dict()`. The config's comparison fields 
 sinks, QK-norm, Qwen3's router and SwiGLU, tied embeddings) drop or add parameters without
 renaming the others. The three heavy ops (linear layers, the experts, attention) go through
 `gptoss.kernels.ops`, which computes them by their PyTorch reference or a faster kernel; the model
-never knows which. Shapes in comments use
-B batch, T new tokens, S keys, H hidden, Hq query heads, Hkv KV heads, G = Hq / Hkv, D head_dim,
-E experts, I expert intermediate size.
+never knows which. Split across ranks (`gptoss.distributed.Parallel`), each module holds its part of the
+heads, experts and vocabulary rows and joins the partial results with one collective; single-process
+those are no-ops. Shapes in comments use B batch, T new tokens, S keys, H hidden, Hq query heads, Hkv KV
+heads (those of this rank), G = Hq / Hkv, D head_dim, E experts, I expert intermediate size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from gptoss.distributed import SINGLE, Parallel
 from gptoss.kernels import ops
 from gptoss.kernels.experts import Activation
 from gptoss.model.config import ModelConfig
@@ -51,6 +53,24 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = Int8Weight(self.weight_int8, self.weight_scales) if hasattr(self, "weight_int8") else self.weight
         return ops.linear(x, weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """The token embedding, this rank's vocabulary rows of it: ids it does not hold look up zeros, and the
+    sum over the ranks is each id's row."""
+
+    def __init__(self, cfg: ModelConfig, parallel: Parallel):
+        rows = parallel.part(cfg.vocab_size)
+        super().__init__(len(rows), cfg.hidden_size)
+        self.first_row, self.parallel = rows.start, parallel
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.size == 1:
+            return super().forward(input_ids)
+        local = input_ids - self.first_row
+        held = (local >= 0) & (local < self.num_embeddings)
+        x = super().forward(local.clamp(0, self.num_embeddings - 1)) * held.unsqueeze(-1).to(self.weight.dtype)
+        return self.parallel.sum_partials(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -97,21 +117,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    """Attention over this rank's heads: its KV heads and the query heads that read them. o_proj holds
+    the matching columns, so each rank's output is a partial sum of the whole; rank 0 adds the bias."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, parallel: Parallel = SINGLE):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads // parallel.size, cfg.num_kv_heads // parallel.size
+        self.head_dim, self.parallel = cfg.head_dim, parallel
         self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.layer = layer
         bias = cfg.attention_bias
-        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, self.num_heads * cfg.head_dim, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias and parallel.rank == 0)
         if cfg.qk_norm:  # Qwen3: queries and keys normalised per head, so their dot products stay bounded
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         # One learned logit per query head, or none.
-        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attention_sinks else None
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if cfg.attention_sinks else None
 
     def forward(self, x, cos, sin, positions, cache=None):
         B, T, _ = x.shape
@@ -128,16 +152,17 @@ class Attention(nn.Module):
 
         q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4)                # [B, Hkv, G, T, D]
         out = ops.attend(q, k, v, positions, k_pos, self.window, self.sinks)   # [B, Hkv, G, T, D]
-        return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.num_heads * D))
+        return self.parallel.sum_partials(self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(B, T, self.num_heads * D)))
 
 
 class Experts(nn.Module):
-    """E expert MLPs, weights [E, out, in]: either dense parameters or MXFP4 blocks and scales, which
-    stay packed (`ops.experts` decodes them where they are used)."""
+    """E expert MLPs (`num_experts` of them: all, or this rank's), weights [E, out, in]: either dense
+    parameters or MXFP4 blocks and scales, which stay packed (`ops.experts` decodes them where they are
+    used)."""
 
-    def __init__(self, cfg: ModelConfig, quantized: bool):
+    def __init__(self, cfg: ModelConfig, quantized: bool, num_experts: int | None = None):
         super().__init__()
-        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        E, H, I = num_experts or cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.quantized = quantized
         self.activation = Activation(cfg.expert_activation, cfg.swiglu_alpha, cfg.swiglu_limit)
         for name, (rows, cols) in {"gate_up_proj": (2 * I, H), "down_proj": (H, I)}.items():
@@ -162,12 +187,16 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, quantized_experts: bool):
+    """The router over all experts (every rank routes every token) and this rank's experts: each token's
+    routed experts run on the rank that holds them, and the partial outputs are summed over the ranks."""
+
+    def __init__(self, cfg: ModelConfig, quantized_experts: bool, parallel: Parallel = SINGLE):
         super().__init__()
         self.top_k = cfg.experts_per_token
         self.softmax_first, self.normalize = cfg.router == "softmax_topk", cfg.normalize_topk
         self.router = Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
-        self.experts = Experts(cfg, quantized_experts)
+        self.held, self.parallel = parallel.part(cfg.num_experts), parallel
+        self.experts = Experts(cfg, quantized_experts, len(self.held))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])                                   # [N, H]
@@ -179,16 +208,26 @@ class MoE(nn.Module):
         else:
             top_logits, expert_ids = logits.topk(self.top_k, dim=-1)        # sorted, [N, k]
             expert_weights = top_logits.float().softmax(dim=-1)             # softmax over the k chosen only
-        return self.experts(flat, expert_ids, expert_weights).view_as(x)
+        if self.parallel.size == 1:
+            return self.experts(flat, expert_ids, expert_weights).view_as(x)
+        # The (token, slot) pairs routed to this rank's experts, each computed as a one-expert token [P, H];
+        # their weighted outputs summed per token in fp32, then over the ranks.
+        token, slot = ((expert_ids >= self.held.start) & (expert_ids < self.held.stop)).nonzero(as_tuple=True)
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        if token.numel():
+            pairs = self.experts(flat[token], (expert_ids[token, slot] - self.held.start)[:, None],
+                                 expert_weights[token, slot][:, None])
+            out.index_add_(0, token, pairs.float())
+        return self.parallel.sum_partials(out).to(x.dtype).view_as(x)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, quantized_experts: bool):
+    def __init__(self, cfg: ModelConfig, layer: int, quantized_experts: bool, parallel: Parallel = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, parallel)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg, quantized_experts)
+        self.mlp = MoE(cfg, quantized_experts, parallel)
 
     def forward(self, x, cos, sin, positions, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
@@ -196,17 +235,21 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, quantized_experts: bool = False):
+    """The whole model, or with `parallel` this rank's part of it (every rank computes every token; the
+    logits of the whole vocabulary come out on every rank)."""
+
+    def __init__(self, cfg: ModelConfig, quantized_experts: bool = False, parallel: Parallel = SINGLE):
         super().__init__()
-        self.config = cfg
+        parallel.check(cfg)
+        self.config, self.parallel = cfg, parallel
         # stop tokens and sampling defaults; the loader puts a checkpoint's generation_config.json here
         self.generation_config = GenerationConfig.for_model(cfg)
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-            layers=nn.ModuleList(Block(cfg, i, quantized_experts) for i in range(cfg.num_layers)),
+            embed_tokens=Embedding(cfg, parallel),
+            layers=nn.ModuleList(Block(cfg, i, quantized_experts, parallel) for i in range(cfg.num_layers)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, len(parallel.part(cfg.vocab_size)), bias=False)
         if cfg.tie_embeddings:  # one [V, H] matrix both reads tokens in and scores them out
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg)
@@ -224,6 +267,11 @@ class Transformer(nn.Module):
         layers = [proj for block in self.model.layers for proj in
                   (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj)]
         return layers if self.config.tie_embeddings else layers + [self.lm_head]
+
+    @property
+    def kv_heads(self) -> int:
+        """The KV heads this model (this rank's part of it) caches."""
+        return self.config.num_kv_heads // self.parallel.size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -256,4 +304,4 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, positions, cache)
             if last_only:
                 x = x[:, -1:]
-            return self.lm_head(self.model.norm(x)).float()
+            return self.parallel.gather_last_dim(self.lm_head(self.model.norm(x)).float())

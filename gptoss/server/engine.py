@@ -187,7 +187,8 @@ class Engine:
         if max_batch < 1 or wanted < 2:
             raise GptossError(f"the engine needs at least one slot (max_batch) and a context of 2 tokens, got "
                               f"max_batch {max_batch} and context {wanted}")
-        options = dict(page_size=page_size, chunk=chunk, dtype=model.dtype, device=model.device, prefix_reuse=prefix_reuse)
+        options = dict(page_size=page_size, chunk=chunk, dtype=model.dtype, device=model.device, prefix_reuse=prefix_reuse,
+                       kv_heads=model.kv_heads)
         self.cache = (KVCache.for_tokens(cfg, wanted, max_batch, **options) if kv_memory is None
                       else KVCache.for_bytes(cfg, kv_memory, **options))
         self.context = min(wanted, self.cache.max_tokens())

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from gptoss.distributed import SINGLE, Parallel
 from gptoss.errors import GptossError
 from gptoss.model.config import ConfigError, ModelConfig, read_config_json
 from gptoss.model.generation_config import FILE as GENERATION_CONFIG, GenerationConfig
@@ -182,7 +183,7 @@ def _layer_hint(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> str:
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                dequantize_experts: bool = False, progress: bool = False, kernels: bool = True,
-               int8_dense: bool = False) -> Transformer:
+               int8_dense: bool = False, parallel: Parallel = SINGLE) -> Transformer:
     """Loads a checkpoint directory (Hugging Face or OpenAI original/ layout) into a `Transformer`.
 
     dtype: of the dense weights and activations; default: the checkpoint's own (bf16 as published).
@@ -191,12 +192,15 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     into memory (`pages.populate`: done in any case where they fit, so the first forward pass finds them).
     kernels: use the fused CPU kernels where they apply (False: the pure-PyTorch reference path).
     int8_dense: hold the attention projections and the unembedding in int8 blocks (gptoss.quant.int8).
+    parallel: load this rank's part of the model only (`gptoss.distributed`): its slice of each split tensor,
+    still a view of the mapped file where the slice is contiguous, so the rank reads and holds its share.
     """
     ckpt = open_checkpoint(path)
     dtype = dtype or ckpt.float_dtype
     quantized = ckpt.quantized and not dequantize_experts
     with torch.device("meta"):
-        model = Transformer(ckpt.config, quantized_experts=quantized)
+        model = Transformer(ckpt.config, quantized_experts=quantized, parallel=parallel)
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
 
     state: dict[str, torch.Tensor] = {}
     tensors = ckpt.model_tensors()
@@ -204,6 +208,15 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         tensors = tqdm(tensors, total=len(model.state_dict()), desc=f"loading {ckpt.directory.name}", unit=" tensors",
                        file=sys.stderr, leave=False)
     for name, tensor in tensors:
+        shape = shapes.get(name)
+        if shape is None and name.endswith(("_blocks", "_scales")):  # dequantized below: this rank's experts
+            shape = (shapes[name.rsplit("_", 1)[0]][0], *tensor.shape[1:])
+        if shape is None:  # a tensor another rank holds alone (o_proj's bias: rank 0 adds it)
+            continue
+        part = _rank_part(tensor, shape, parallel.rank)
+        if part.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
+            release_pages(tensor)  # a copied part (o_proj's columns): the whole stays mapped but not resident
+        tensor = part
         if tensor.dtype == torch.uint8:
             state[name] = tensor
         else:  # .to() returns the mapped tensor itself when the dtype already matches
@@ -223,3 +236,14 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     model = model.to(device).eval().use_kernels(kernels)
     populate(list(model.state_dict().values()), progress)
     return model
+
+
+def _rank_part(tensor: torch.Tensor, shape: tuple[int, ...], rank: int) -> torch.Tensor:
+    """This rank's part of a stored tensor whose model counterpart has `shape`: along the one dimension where
+    they differ, the rank-th of the equal parts (`Parallel.part`); the whole tensor where they agree. A part
+    of rows (experts, heads' rows, vocabulary rows) stays a view of the mapped file; a part of columns
+    (o_proj's) is copied, contiguous for the kernels."""
+    for dim, (whole, here) in enumerate(zip(tensor.shape, shape)):
+        if whole != here:
+            return tensor.narrow(dim, rank * here, here).contiguous()
+    return tensor

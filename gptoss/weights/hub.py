@@ -1,4 +1,5 @@
-"""Where `--model` points: a local directory, a Hugging Face repo id, or the built-in random default."""
+"""Where `--model` points: the embedded nano model (the default), the random checkpoint, a local directory or a
+Hugging Face repo id."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ from pathlib import Path
 from gptoss.errors import GptossError
 from gptoss.model.config import preset
 
-# The default when no --model is given: a small random-weight checkpoint of the real structure and
-# vocabulary, made once on first use. Its output is gibberish; it is there so every command runs anywhere.
-DEFAULT_PRESET = "small"
+# The default when no --model is given: the nano model, a tiny GPT-OSS trained on synthetic harmony
+# conversations (`gptoss train-nano`, docs/nano.md), shipped as package data under gptoss/nano/checkpoint.
+# A path rather than an import: the folder holds data only, the training code sits on a higher layer.
+NANO_CHECKPOINT = Path(__file__).parents[1] / "nano" / "checkpoint"
+# `--model random-small`: a small random-weight checkpoint of the real structure and vocabulary, made once
+# on first use, for tests and benchmarks. Its output is gibberish.
+RANDOM_MODEL = "random-small"
+RANDOM_PRESET = "small"
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -22,17 +28,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GPTOSS_HOME", Path.home() / ".cache" / "gptoss"))
 
 
-def default_model() -> Path:
+def random_model() -> Path:
     """The built-in random checkpoint, written on first use (a second or two, about 0.2 GB)."""
     from gptoss.weights.random_checkpoint import write_random_checkpoint
 
-    path = cache_dir() / f"random-{DEFAULT_PRESET}"
+    path = cache_dir() / RANDOM_MODEL
     if not (path / "config.json").exists():
-        print(f"gptoss: no --model given: making a small random-weight checkpoint at {path} "
-              f"(its output is gibberish; pass --model for a real one)", file=sys.stderr)
+        print(f"gptoss: making a small random-weight checkpoint at {path} (its output is gibberish)",
+              file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))  # two first runs never share it
-        write_random_checkpoint(preset(DEFAULT_PRESET), tmp / "ckpt", seed=0)
+        write_random_checkpoint(preset(RANDOM_PRESET), tmp / "ckpt", seed=0)
         try:
             (tmp / "ckpt").rename(path)
         except OSError:  # another first run got there first: its checkpoint is the same
@@ -43,9 +49,14 @@ def default_model() -> Path:
 
 
 def resolve_model(spec: str | None) -> Path:
-    """A directory to load: `spec` itself if it exists, else a Hub download of repo id `spec`."""
+    """A directory to load: the nano model for None, the random checkpoint for "random-small", `spec` itself
+    if it exists, else a Hub download of repo id `spec`."""
     if spec is None:
-        return default_model()
+        if not (NANO_CHECKPOINT / "model.safetensors").is_file():
+            raise GptossError(f"the nano model is missing from {NANO_CHECKPOINT} (reinstall gptoss, or pass --model)")
+        return NANO_CHECKPOINT
+    if spec == RANDOM_MODEL:
+        return random_model()
     path = Path(spec).expanduser()
     if path.exists():
         return path
